@@ -1,0 +1,48 @@
+"""Shared fixtures: a throwaway copy of the repository to run real git/DVC commands in."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "stages"))
+
+# Every subprocess runs the venv's python and dvc, without analytics or hub access.
+ENV = dict(os.environ, DVC_NO_ANALYTICS="1", HF_HUB_OFFLINE="1", UNSLOTH_DISABLE_STATISTICS="1",
+           PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+ENV.pop("MLFLOW_TRACKING_URI", None)
+
+
+def run(cmd: list[str], cwd: Path, check: bool = True, **kw) -> subprocess.CompletedProcess:
+    """Run a command; on failure show its output in the assertion message."""
+    proc = subprocess.run(cmd, cwd=cwd, env=kw.pop("env", ENV), capture_output=True, text=True, **kw)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(map(str, cmd))} exited {proc.returncode}\n"
+                             f"--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def copy_repo(dest: Path) -> Path:
+    """Copy the files git would see (tracked + untracked, not ignored) and commit them in a new repo."""
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT,
+                           capture_output=True, text=True, check=True).stdout.split("\0")
+    for rel in filter(None, files):
+        src = ROOT / rel
+        if src.is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / rel)
+    run(["git", "init", "-q", "-b", "main"], dest)
+    run(["git", "add", "-A"], dest)
+    run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-q", "-m", "copy"], dest)
+    return dest
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> Path:
+    """A fresh, committed copy of this repository (no DVC outputs, no cache)."""
+    return copy_repo(tmp_path / "repo")

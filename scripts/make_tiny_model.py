@@ -1,11 +1,13 @@
 """Build the embedded tiny base model: a ~1 M-parameter Llama with a byte-level BPE tokenizer.
 
 It exists so that the whole pipeline runs offline on 2 CPU cores (CI, first try) through the
-same `from_pretrained(path)` code as a hub model. Weights are random (seeded): the model knows
-nothing, so fine-tuning has an easy, measurable job. Deterministic: same corpus + args give
-byte-identical files.
+same `from_pretrained(path)` code as a hub model. Like a real base model it is pretrained on
+plain text — product titles and descriptions of a synthetic corpus made with another seed than
+the embedded sample (so no test description is seen) — and has never seen a question/answer
+prompt: fine-tuning teaches it to answer. Deterministic on a given machine and torch version
+(seeded init, data order and corpus); a few minutes on 2 cores.
 
-    python scripts/make_tiny_model.py [--corpus data/sample/trn.json.gz] [--out models/tiny-llama]
+    python scripts/make_tiny_model.py [--out models/tiny-llama] [--pretrain-steps 300]
 """
 from __future__ import annotations
 
@@ -13,11 +15,16 @@ import argparse
 import gzip
 import html
 import json
+import math
 import shutil
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tqdm import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 BOS, EOS, PAD = "<s>", "</s>", "<pad>"
@@ -28,24 +35,26 @@ CHAT_TEMPLATE = (
 )
 
 
-def corpus_texts(path: Path):
-    """Titles and descriptions of the sample, HTML-unescaped like the preprocess stage does."""
+def corpus_documents(path: Path) -> list[str]:
+    """"title\ndescription" documents (HTML-unescaped, as preprocess does), sorted for determinism.
+    No question/answer prompt: answering a question is what fine-tuning teaches."""
+    docs = set()
     with gzip.open(path, "rt", encoding="utf-8") as f:
         for line in f:
             record = json.loads(line)
-            yield html.unescape(record["title"])
             if record["content"]:
-                yield html.unescape(record["content"])
+                docs.add(html.unescape(record["title"]) + "\n" + html.unescape(record["content"]))
+    return sorted(docs)
 
 
-def build_tokenizer(corpus: Path, vocab_size: int) -> PreTrainedTokenizerFast:
+def build_tokenizer(docs: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size, special_tokens=[PAD, BOS, EOS, "<|user|>", "<|assistant|>"],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(sorted(set(corpus_texts(corpus))), trainer=trainer)
+    tok.train_from_iterator(docs, trainer=trainer)
     # Llama-style: every encoded text starts with BOS.
     tok.post_processor = processors.TemplateProcessing(
         single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, tok.token_to_id(BOS))])
@@ -65,24 +74,60 @@ def build_model(tokenizer, hidden: int, layers: int, seed: int) -> LlamaForCausa
     return LlamaForCausalLM(config)
 
 
+def pretrain(model, tokenizer, docs: list[str], steps: int, seed: int, batch: int = 16, length: int = 128):
+    """Plain next-token pretraining on packed documents (nanoGPT style): a base model, not a chat one."""
+    ids = []
+    for doc in docs:
+        ids += tokenizer(doc)["input_ids"] + [tokenizer.eos_token_id]
+    data = torch.tensor(ids)
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
+    model.train()
+    progress = tqdm(range(steps), desc="pretraining")
+    for step in progress:
+        lr = 3e-3 * min(1.0, (step + 1) / 20) * 0.5 * (1 + math.cos(math.pi * step / steps))
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        starts = torch.randint(0, len(data) - length - 1, (batch,), generator=generator)
+        x = torch.stack([data[i:i + length] for i in starts])
+        loss = model(input_ids=x, labels=x).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        progress.set_postfix(loss=f"{loss.item():.3f}")
+    model.eval()
+    return loss.item()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--corpus", type=Path, default=Path("data/sample/trn.json.gz"))
     ap.add_argument("--out", type=Path, default=Path("models/tiny-llama"))
+    ap.add_argument("--corpus-seed", type=int, default=1, help="make_sample.py seed of the pretraining corpus")
+    ap.add_argument("--corpus-records", type=int, default=20000)
     ap.add_argument("--vocab-size", type=int, default=2048)
     ap.add_argument("--hidden", type=int, default=128)
     ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--pretrain-steps", type=int, default=300)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
 
-    tokenizer = build_tokenizer(args.corpus, args.vocab_size)
+    torch.set_num_threads(2)  # fixed, so the same machine gives the same weights
+    with tempfile.TemporaryDirectory() as tmp:
+        corpus = Path(tmp) / "corpus.json.gz"
+        subprocess.run([sys.executable, str(Path(__file__).with_name("make_sample.py")), "--out", str(corpus),
+                        "--records", str(args.corpus_records), "--seed", str(args.corpus_seed)], check=True)
+        docs = corpus_documents(corpus)
+    tokenizer = build_tokenizer(docs, args.vocab_size)
     model = build_model(tokenizer, args.hidden, args.layers, args.seed)
+    final_loss = pretrain(model, tokenizer, docs, args.pretrain_steps, args.seed)
     if args.out.exists():
         shutil.rmtree(args.out)
     model.save_pretrained(args.out, safe_serialization=True)
     tokenizer.save_pretrained(args.out)
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"wrote {args.out}: {n_params / 1e6:.2f} M params, vocab {len(tokenizer)}")
+    print(f"wrote {args.out}: {n_params / 1e6:.2f} M params, vocab {len(tokenizer)}, "
+          f"{len(docs):,} pretraining documents, final pretraining loss {final_loss:.3f}")
 
 
 if __name__ == "__main__":

@@ -57,6 +57,7 @@ SCHEMA: dict[str, dict[str, str]] = {
         "max_samples": "int", "batch_size": "int", "max_new_tokens": "int", "do_sample": "bool",
         "temperature": "float", "top_p": "float", "require_improvement": "bool",
     },
+    "export": {"dtype": "str"},
 }
 
 
@@ -246,3 +247,31 @@ def load_model(model_params: dict, max_seq_length: int, device_map=None):
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+def load_tuned_model(model_params: dict, max_seq_length: int, adapter_dir: Path | str):
+    """Base model + the trained LoRA adapter (a PeftModel) + tokenizer, for evaluate, ask and export.
+
+    `with model.disable_adapter():` gives the base model's answers from the same weights.
+    """
+    adapter_dir = Path(adapter_dir)
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise UserError(f"{adapter_dir}: no trained adapter here; run `dvc repro` first "
+                        "(the train stage writes it)")
+    model, tokenizer = load_model(model_params, max_seq_length)
+    from peft import PeftModel  # after load_model, which imported unsloth first
+    # The base path inside adapter_config.json is where it was trained (maybe another machine):
+    # the base comes from model.name instead.
+    return PeftModel.from_pretrained(model, str(adapter_dir)), tokenizer
+
+
+# ---------------------------------------------------------------- MLflow
+
+def mlflow_setup():
+    """Point MLflow at the team server named by MLFLOW_TRACKING_URI, else at a sqlite store in
+    the repo (mlflow.db, git-ignored; `mlflow ui --backend-store-uri sqlite:///mlflow.db`)."""
+    import mlflow
+    if not os.environ.get("MLFLOW_TRACKING_URI"):
+        mlflow.set_tracking_uri(f"sqlite:///{ROOT / 'mlflow.db'}")
+    mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME", "titletune"))
+    return mlflow

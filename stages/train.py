@@ -21,11 +21,13 @@ from pathlib import Path
 
 import torch
 import yaml
-from datasets import load_from_disk
+from datasets import disable_caching, load_from_disk
+from transformers import TrainerCallback
 from trl import SFTConfig, SFTTrainer
 from unsloth import FastLanguageModel
 
-from common import ROOT, UserError, atomic_path, load_model, load_params, run_main, write_json
+from common import (ROOT, UserError, atomic_path, load_model, load_params, mlflow_setup, run_main,
+                    write_json)
 
 CHECKPOINT_DIR = ROOT / "models" / "checkpoints"
 FINGERPRINT = CHECKPOINT_DIR / "fingerprint.json"
@@ -119,11 +121,7 @@ def git_commit() -> str | None:
 
 
 def start_mlflow_run(params: dict):
-    import mlflow
-    # The embedded default: a sqlite store in the repo. MLFLOW_TRACKING_URI points at a team server.
-    if not os.environ.get("MLFLOW_TRACKING_URI"):
-        mlflow.set_tracking_uri(f"sqlite:///{ROOT / 'mlflow.db'}")
-    mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME", "titletune"))
+    mlflow = mlflow_setup()
     exp_name = os.environ.get("DVC_EXP_NAME")
     run = mlflow.start_run(run_name=exp_name)
     mlflow.set_tags({k: v for k, v in {
@@ -172,55 +170,37 @@ def write_step_log(rows: list[dict], csv_path: Path, png_path: Path) -> None:
     plt.close(fig)
 
 
+class Throughput(TrainerCallback):
+    """Steady-state tokens/s: measured from the end of the first steps (compilation, warm caches)."""
+
+    warmup_steps = 3
+
+    def __init__(self):
+        self.marks = []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        mark = (time.perf_counter(), state.num_input_tokens_seen)
+        self.marks = self.marks[:1] + [mark] if state.global_step > self.warmup_steps else [mark]
+
+    def tokens_per_s(self) -> float:
+        if len(self.marks) < 2:
+            return 0.0
+        (t0, n0), (t1, n1) = self.marks
+        return (n1 - n0) / (t1 - t0)
+
+
 def peak_memory_gb() -> float:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 1e9
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # kB on Linux
 
 
-# ---------------------------------------------------------------- main
-
-def main() -> None:
-    data_dir, adapter_dir, metrics_dir = map(Path, sys.argv[1:4])
-    params = load_params("model", "format", "train")
-    model_params, tp = params["model"], params["train"]
-    max_length = params["format"]["max_length"]
-
-    n_gpus = resolve_gpus(tp["gpus"])
-    if n_gpus > 1 and "WORLD_SIZE" not in os.environ:
-        cmd = launch_command(n_gpus, [str(Path(__file__).resolve()), *sys.argv[1:]])
-        print(f"train: launching on {n_gpus} GPUs: {' '.join(cmd)}", flush=True)
-        sys.exit(subprocess.run(cmd).returncode)
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-
-    if not (data_dir / "dataset_dict.json").is_file():
-        raise UserError(f"{data_dir}: no formatted dataset; run the tokenize-format stage first")
-    data = load_from_disk(str(data_dir))
-    columns = ["input_ids", "completion_mask"]
-    train_set, val_set = data["train"].select_columns(columns), data["val"].select_columns(columns)
-    if len(val_set) == 0:
-        raise UserError(f"{data_dir}: the validation split is empty; raise preprocess.val_fraction")
-
-    hw = hardware_settings(tp["optimizer"])
-    print(f"train: {hw['device']}, {world_size} process(es), bf16={hw['bf16']} fp16={hw['fp16']}, "
-          f"optimizer {hw['optim']}", flush=True)
-
-    device_map = {"": local_rank} if world_size > 1 else None
-    model, tokenizer = load_model(model_params, max_length, device_map=device_map)
-    model = FastLanguageModel.get_peft_model(
-        model, r=tp["lora_r"], lora_alpha=tp["lora_alpha"], lora_dropout=tp["lora_dropout"],
-        target_modules=tp["target_modules"], bias="none",
-        use_gradient_checkpointing=tp["gradient_checkpointing"], random_state=tp["seed"])
-
-    fingerprint = run_fingerprint(params, data["train"])
-    resume = resumable_checkpoint(fingerprint) if is_rank0() else False
-    if world_size > 1:
-        torch.distributed.barrier()  # rank 0 has cleared or kept the checkpoints
-        resume = any(CHECKPOINT_DIR.glob("checkpoint-*"))
-
-    config = SFTConfig(
-        output_dir=str(CHECKPOINT_DIR),
+def sft_config(tp: dict, max_length: int, hw: dict, world_size: int, output_dir: Path) -> SFTConfig:
+    """The SFTConfig of a run, from the train params and the hardware (also used by benchmarks/)."""
+    return SFTConfig(
+        output_dir=str(output_dir),
         per_device_train_batch_size=tp["batch_size"],
         per_device_eval_batch_size=tp["batch_size"],
         gradient_accumulation_steps=tp["grad_accum"],
@@ -244,11 +224,61 @@ def main() -> None:
         include_num_input_tokens_seen="non_padding",
         ddp_find_unused_parameters=False if world_size > 1 else None,
         report_to=["mlflow"] if is_rank0() else [],
-        disable_tqdm=False,
-        dataset_num_proc=None,
     )
+
+
+def add_lora(model, tp: dict):
+    return FastLanguageModel.get_peft_model(
+        model, r=tp["lora_r"], lora_alpha=tp["lora_alpha"], lora_dropout=tp["lora_dropout"],
+        target_modules=tp["target_modules"], bias="none",
+        use_gradient_checkpointing=tp["gradient_checkpointing"], random_state=tp["seed"])
+
+
+# ---------------------------------------------------------------- main
+
+def main() -> None:
+    data_dir, adapter_dir, metrics_dir = map(Path, sys.argv[1:4])
+    params = load_params("model", "format", "train")
+    model_params, tp = params["model"], params["train"]
+    max_length = params["format"]["max_length"]
+
+    n_gpus = resolve_gpus(tp["gpus"])
+    if n_gpus > 1 and "WORLD_SIZE" not in os.environ:
+        cmd = launch_command(n_gpus, [str(Path(__file__).resolve()), *sys.argv[1:]])
+        print(f"train: launching on {n_gpus} GPUs: {' '.join(cmd)}", flush=True)
+        sys.exit(subprocess.run(cmd).returncode)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+
+    if not (data_dir / "dataset_dict.json").is_file():
+        raise UserError(f"{data_dir}: no formatted dataset; run the tokenize-format stage first")
+    # data_dir is tokenize-format's DVC output: the trainer's map() calls must not write their
+    # cache-*.arrow files into it (its hash would change under DVC); off, they go to a temp dir.
+    disable_caching()
+    data = load_from_disk(str(data_dir))
+    columns = ["input_ids", "completion_mask"]
+    train_set, val_set = data["train"].select_columns(columns), data["val"].select_columns(columns)
+    if len(val_set) == 0:
+        raise UserError(f"{data_dir}: the validation split is empty; raise preprocess.val_fraction")
+
+    hw = hardware_settings(tp["optimizer"])
+    print(f"train: {hw['device']}, {world_size} process(es), bf16={hw['bf16']} fp16={hw['fp16']}, "
+          f"optimizer {hw['optim']}", flush=True)
+
+    device_map = {"": local_rank} if world_size > 1 else None
+    model, tokenizer = load_model(model_params, max_length, device_map=device_map)
+    model = add_lora(model, tp)
+
+    # Creating the config sets up the process group under torchrun.
+    config = sft_config(tp, max_length, hw, world_size, CHECKPOINT_DIR)
+    fingerprint = run_fingerprint(params, data["train"])
+    resume = resumable_checkpoint(fingerprint) if is_rank0() else False
+    if world_size > 1:
+        torch.distributed.barrier()  # rank 0 has cleared or kept the checkpoints
+        resume = any(CHECKPOINT_DIR.glob("checkpoint-*"))
+    throughput = Throughput()
     trainer = SFTTrainer(model=model, args=config, train_dataset=train_set, eval_dataset=val_set,
-                         processing_class=tokenizer)
+                         processing_class=tokenizer, callbacks=[throughput])
 
     run = start_mlflow_run(params) if is_rank0() else None
     train_subset = trainer.train_dataset.select(range(min(LOSS_SUBSET, len(trainer.train_dataset))))
@@ -277,8 +307,10 @@ def main() -> None:
         "train_loss_before": before["train_loss"], "train_loss_after": after["train_loss"],
         "steps": trainer.state.global_step,
         "train_runtime_s": runtime,
-        # Tokens seen by this run (all ranks); a resumed run counts only what it trained itself.
-        "tokens_per_s": tokens / result.metrics["train_runtime"] if result.metrics.get("train_runtime") else 0.0,
+        # Real (non-padding) tokens of all ranks per second, after the first steps (warm-up) and
+        # over the whole run (warm-up, compilation and in-training evaluation included).
+        "tokens_per_s": throughput.tokens_per_s(),
+        "tokens_per_s_overall": tokens / runtime,
         "peak_memory_gb": peak_memory_gb(),
         "effective_batch_size": tp["batch_size"] * tp["grad_accum"] * world_size,
         "world_size": world_size,

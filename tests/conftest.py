@@ -46,3 +46,36 @@ def copy_repo(dest: Path) -> Path:
 def repo(tmp_path: Path) -> Path:
     """A fresh, committed copy of this repository (no DVC outputs, no cache)."""
     return copy_repo(tmp_path / "repo")
+
+
+# Params that make the whole pipeline take about a minute on 2 cores (tests only).
+FAST_PARAMS = {
+    "format": {"max_length": 128},
+    "train": {"max_steps": 12, "batch_size": 8, "eval_steps": 6, "save_steps": 6, "logging_steps": 2},
+    "evaluate": {"max_samples": 8, "batch_size": 8, "max_new_tokens": 16},
+}
+
+
+def set_params(repo: Path, overrides: dict) -> None:
+    """Write overrides ({section: {key: value}}) into the repo's params.yaml."""
+    import yaml
+    path = repo / "params.yaml"
+    params = yaml.safe_load(path.read_text())
+    for section, values in overrides.items():
+        params[section].update(values)
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+@pytest.fixture(scope="session")
+def pipeline_repo(tmp_path_factory) -> Path:
+    """A committed repo copy with FAST_PARAMS where `dvc repro` has run once (every stage).
+
+    Shared by many tests: treat it as read-only; copy it (shutil.copytree) to change it.
+    """
+    repo = copy_repo(tmp_path_factory.mktemp("pipeline") / "repo")
+    set_params(repo, FAST_PARAMS)
+    run(["git", "commit", "-qam", "fast params"], repo)
+    run(["dvc", "repro"], repo, timeout=900)
+    run(["git", "add", "-A"], repo)
+    run(["git", "commit", "-qm", "repro"], repo)
+    return repo

@@ -17,7 +17,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "stages"))
 
-from common import UserError, build_prompt, load_model, load_params, load_tuned_model, run_main  # noqa: E402
+from common import build_prompt, load_model, load_params, load_tuned_model, run_main  # noqa: E402
 from evaluate import generation_kwargs  # noqa: E402  (the same settings as the evaluate stage)
 
 

@@ -9,6 +9,8 @@ so SFTTrainer computes the loss on the completion only and does no tokenising of
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import sys
 from pathlib import Path
 
@@ -20,6 +22,21 @@ from common import (atomic_path, build_prompt, load_params, pick_question, resol
                     run_main, write_json, UserError)
 
 SPLITS = ("train", "val", "test")
+
+
+def pin_fingerprints(saved: Path) -> None:
+    """Make each split's `_fingerprint` (state.json) a hash of its saved Arrow data. datasets derives
+    it from input file paths and mtimes, so the same data got another state.json, hence another
+    DVC hash for data/formatted, in every clone or run."""
+    for state_file in sorted(saved.glob("*/state.json")):
+        digest = hashlib.sha256()
+        for arrow in sorted(state_file.parent.glob("data-*.arrow")):
+            with open(arrow, "rb") as f:
+                while chunk := f.read(1 << 20):
+                    digest.update(chunk)
+        state = json.loads(state_file.read_text())
+        state["_fingerprint"] = digest.hexdigest()[:16]
+        state_file.write_text(json.dumps(state, indent=2, sort_keys=True))
 
 
 def load_tokenizer(model: dict):
@@ -89,6 +106,7 @@ def main() -> None:
     formatted = DatasetDict({s: formatted[s].remove_columns(["full_length", "truncated"]) for s in SPLITS})
     with atomic_path(out_dir) as tmp:
         formatted.save_to_disk(str(tmp))
+        pin_fingerprints(tmp)
     write_json(metrics_path, metrics)
     t = metrics["train"]
     print(f"tokenize-format: {' / '.join(str(metrics[s]['examples']) for s in SPLITS)} train/val/test "

@@ -84,6 +84,9 @@ def run_fingerprint(params: dict, train_set) -> str:
 
 def resumable_checkpoint(fingerprint: str) -> bool:
     """True when models/checkpoints holds a checkpoint of this same run; else clear it."""
+    for ckpt in CHECKPOINT_DIR.glob("checkpoint-*"):
+        if not (ckpt / "trainer_state.json").is_file():
+            shutil.rmtree(ckpt)  # cut short while being saved (its state file is written last)
     has_checkpoint = any(CHECKPOINT_DIR.glob("checkpoint-*"))
     if has_checkpoint and FINGERPRINT.is_file() and json.loads(FINGERPRINT.read_text())["run"] == fingerprint:
         return True

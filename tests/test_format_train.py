@@ -196,3 +196,12 @@ def test_changing_a_train_param_reruns_only_train_and_what_follows(pipeline_repo
     changed = set(json.loads(out))
     # train is out of date; the data stages are not (evaluate and export follow once train re-runs)
     assert changed == {"train"}, changed
+
+
+def test_multi_gpu_launch_command_is_torchrun_of_the_same_script():
+    code = ("import sys; sys.path.insert(0, 'stages'); import train; "
+            "print(train.launch_command(4, ['stages/train.py', 'a', 'b'])); print(train.is_rank0())")
+    out = run([sys.executable, "-c", code], ROOT, env=dict(ENV, RANK="1")).stdout.splitlines()
+    assert out[-2].endswith("'-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=4', "
+                            "'stages/train.py', 'a', 'b']")
+    assert out[-1] == "False"  # rank 1 writes nothing

@@ -18,7 +18,7 @@ import common
 from common import UserError, build_prompt, load_params, pick_question, resolve_model_name
 
 TINY = ROOT / "models" / "tiny-llama"
-FMT = {"style": "instruction", "max_length": 64,
+FMT = {"style": "instruction", "max_length": 128,
        "questions": ["Describe this product: {title}", "What is {title}?", "Tell me about {title}."]}
 
 
@@ -38,7 +38,7 @@ def test_question_rotation_is_deterministic_and_uses_every_phrasing():
 def test_format_masks_the_prompt_and_ends_with_eos(tokenizer):
     from tokenize_format import format_batch
     batch = {"uid": ["B1", "B2"], "title": ["Red Kettle", "Blue Mug"],
-             "content": ["A red kettle for tea.", "word " * 200]}
+             "content": ["A red kettle for tea.", "word " * 400]}
     out = format_batch(batch, tokenizer, FMT)
     prompt_ids = tokenizer(out["prompt"][0])["input_ids"]
     ids, mask = out["input_ids"][0], out["completion_mask"][0]

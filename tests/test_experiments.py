@@ -79,6 +79,7 @@ def mlflow_runs(store: Path) -> list:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # two training runs: ~3 min on 2 idle cores, 15 min seen on busy ones
 def test_exp_run_queue_show_and_mlflow(pipeline_repo, tmp_path):
     repo = tmp_path / "repo"
     shutil.copytree(pipeline_repo, repo, symlinks=True)
@@ -107,7 +108,12 @@ def test_exp_run_queue_show_and_mlflow(pipeline_repo, tmp_path):
     assert "Success" in status, status + run(["dvc", "queue", "logs", "lr-high"], repo, env=env,
                                              check=False).stdout[-4000:]
     run(["dvc", "queue", "stop"], repo, env=env, check=False)   # the worker stops once idle anyway
+    check_show_and_mlflow(repo, env, store)
 
+
+def check_show_and_mlflow(repo: Path, env: dict, store: Path) -> None:
+    """`dvc exp show` has both experiments with their params and all metrics; MLflow has one run
+    for each, named after it."""
     show = json.loads(run(["dvc", "exp", "show", "--json"], repo, env=env).stdout)
     rows = exp_rows(show)
     assert {"lr-low", "lr-high"} <= set(rows), sorted(rows)

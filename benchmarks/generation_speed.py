@@ -30,7 +30,7 @@ import unsloth  # noqa: F401,E402  (first, as in the stages: it patches transfor
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from common import UserError, load_model, load_params, load_tuned_model, run_main  # noqa: E402
+from common import UserError, load_formatted, load_model, load_params, load_tuned_model, run_main  # noqa: E402
 from evaluate import generate, prompt_ids, select_examples  # noqa: E402
 
 SHAPES = {
@@ -76,10 +76,7 @@ def local_model(args, params):
         label = f"{args.model} (no adapter at {args.adapter})"
     from unsloth import FastLanguageModel
     FastLanguageModel.for_inference(model)  # as the evaluate stage does
-    if not (args.data / "dataset_dict.json").is_file():
-        raise UserError(f"{args.data}: no formatted dataset; run `dvc repro` first")
-    from datasets import load_from_disk
-    prompts = prompt_ids(select_examples(load_from_disk(str(args.data))["test"], args.prompts))
+    prompts = prompt_ids(select_examples(load_formatted(args.data)["test"], args.prompts))
     return model.eval(), prompts, tokenizer.pad_token_id, label
 
 

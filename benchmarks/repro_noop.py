@@ -135,6 +135,8 @@ def main() -> None:
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     results: dict = {"dvc": sh(["dvc", "--version"], ROOT)[1].strip(), "cpus": os.cpu_count()}
+    # The floor of any dvc command: starting the CLI (Python imports) and nothing else.
+    results["dvc_version_s"] = round(statistics.median(sh(["dvc", "--version"], ROOT)[0] for _ in range(3)), 2)
 
     if args.sample_repo:
         sample = args.sample_repo.resolve()

@@ -265,6 +265,22 @@ def load_tuned_model(model_params: dict, max_seq_length: int, adapter_dir: Path 
     return PeftModel.from_pretrained(model, str(adapter_dir)), tokenizer
 
 
+def load_formatted(data_dir: Path | str):
+    """The tokenize-format stage's DatasetDict, opened read-only for train, evaluate and benchmarks.
+
+    data_dir is a DVC output: datasets' map/select would write cache-*.arrow files into it and
+    change its hash (the next `dvc repro` would see tokenize-format as changed), so caching is
+    turned off first and those files go to a temp dir instead.
+    """
+    from datasets import disable_caching, load_from_disk
+
+    data_dir = Path(data_dir)
+    if not (data_dir / "dataset_dict.json").is_file():
+        raise UserError(f"{data_dir}: no formatted dataset; run `dvc repro` (tokenize-format) first")
+    disable_caching()
+    return load_from_disk(str(data_dir))
+
+
 # ---------------------------------------------------------------- MLflow
 
 def mlflow_setup():

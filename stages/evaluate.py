@@ -27,12 +27,11 @@ from pathlib import Path
 import sacrebleu
 import torch
 import torch.nn.functional as F
-from datasets import load_from_disk
 from rouge_score import rouge_scorer
 from tqdm import tqdm
 
-from common import (UserError, atomic_path, load_params, load_tuned_model, mlflow_setup, run_main,
-                    write_json)
+from common import (UserError, atomic_path, load_formatted, load_params, load_tuned_model, mlflow_setup,
+                    run_main, write_json)
 
 # An answer is degenerate when it is empty or more than half of its word trigrams repeat an
 # earlier one (the model loops: "on the best on the best on the best ...").
@@ -257,9 +256,7 @@ def main() -> None:
     ep = params["evaluate"]
     if ep["batch_size"] < 1 or ep["max_new_tokens"] < 1:
         raise UserError("params.yaml: evaluate.batch_size and evaluate.max_new_tokens must be >= 1")
-    if not (data_dir / "dataset_dict.json").is_file():
-        raise UserError(f"{data_dir}: no formatted dataset; run `dvc repro` first")
-    examples = select_examples(load_from_disk(str(data_dir))["test"], ep["max_samples"])
+    examples = select_examples(load_formatted(data_dir)["test"], ep["max_samples"])
     if len(examples) == 0:
         raise UserError(f"{data_dir}: the test split is empty; raise preprocess.test_fraction")
 

@@ -21,13 +21,12 @@ from pathlib import Path
 
 import torch
 import yaml
-from datasets import disable_caching, load_from_disk
 from transformers import TrainerCallback
 from trl import SFTConfig, SFTTrainer
 from unsloth import FastLanguageModel
 
-from common import (ROOT, UserError, atomic_path, load_model, load_params, mlflow_setup, run_main,
-                    write_json)
+from common import (ROOT, UserError, atomic_path, load_formatted, load_model, load_params, mlflow_setup,
+                    run_main, write_json)
 
 CHECKPOINT_DIR = ROOT / "models" / "checkpoints"
 FINGERPRINT = CHECKPOINT_DIR / "fingerprint.json"
@@ -253,12 +252,7 @@ def main() -> None:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
 
-    if not (data_dir / "dataset_dict.json").is_file():
-        raise UserError(f"{data_dir}: no formatted dataset; run the tokenize-format stage first")
-    # data_dir is tokenize-format's DVC output: the trainer's map() calls must not write their
-    # cache-*.arrow files into it (its hash would change under DVC); off, they go to a temp dir.
-    disable_caching()
-    data = load_from_disk(str(data_dir))
+    data = load_formatted(data_dir)
     columns = ["input_ids", "completion_mask"]
     train_set, val_set = data["train"].select_columns(columns), data["val"].select_columns(columns)
     if len(val_set) == 0:

@@ -142,14 +142,13 @@ def test_ask_reads_questions_until_empty_line_or_eof(monkeypatch):
 MERGED_ANSWERS = """
 import json, sys
 sys.path.insert(0, "stages")
-from datasets import load_from_disk
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from common import load_params
+from common import load_formatted, load_params
 from evaluate import generate, generation_kwargs, prompt_ids, select_examples, until_eos
 ep = load_params("evaluate")
 model = AutoModelForCausalLM.from_pretrained("models/merged").eval()
 tok = AutoTokenizer.from_pretrained("models/merged")
-examples = select_examples(load_from_disk("data/formatted")["test"], ep["max_samples"])
+examples = select_examples(load_formatted("data/formatted")["test"], ep["max_samples"])
 ids = generate(model, prompt_ids(examples), pad_token_id=tok.pad_token_id, batch_size=ep["batch_size"],
                **generation_kwargs(ep))
 assert not any(m.startswith(("unsloth", "peft")) for m in sys.modules)

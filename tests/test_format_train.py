@@ -132,15 +132,14 @@ def test_saved_adapter_reloads_to_the_same_logits(pipeline_repo, tmp_path):
 import sys, torch
 sys.path.insert(0, {str(ROOT / 'stages')!r})
 import train  # imports unsloth first
-from datasets import load_from_disk
 from peft import PeftModel
 from trl import SFTTrainer
-from common import load_model
+from common import load_formatted, load_model
 tp = dict(train.load_params('train', path={str(pipeline_repo / 'params.yaml')!r}), max_steps=3, eval_steps=100, save_steps=100)
 params = {{'name': {str(TINY)!r}, 'load_in_4bit': False, 'trust_remote_code': False}}
 model, tok = load_model(params, 128)
 model = train.add_lora(model, tp)
-data = load_from_disk({str(pipeline_repo / 'data' / 'formatted')!r})['train'].select_columns(['input_ids', 'completion_mask'])
+data = load_formatted({str(pipeline_repo / 'data' / 'formatted')!r})['train'].select_columns(['input_ids', 'completion_mask'])
 config = train.sft_config(tp, 128, train.hardware_settings('auto'), 1, {str(tmp_path / 'ckpt')!r})
 config.report_to, config.eval_strategy = [], 'no'
 SFTTrainer(model=model, args=config, train_dataset=data, processing_class=tok).train()

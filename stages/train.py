@@ -262,7 +262,8 @@ def main() -> None:
     print(f"train: {hw['device']}, {world_size} process(es), bf16={hw['bf16']} fp16={hw['fp16']}, "
           f"optimizer {hw['optim']}", flush=True)
 
-    device_map = {"": local_rank} if world_size > 1 else None
+    # Each rank loads onto its own GPU (on CPU, a gloo run, every rank stays on the CPU).
+    device_map = {"": local_rank} if world_size > 1 and torch.cuda.is_available() else None
     model, tokenizer = load_model(model_params, max_length, device_map=device_map)
     model = add_lora(model, tp)
 

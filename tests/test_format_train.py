@@ -204,3 +204,35 @@ def test_multi_gpu_launch_command_is_torchrun_of_the_same_script():
     assert out[-2].endswith("'-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=4', "
                             "'stages/train.py', 'a', 'b']")
     assert out[-1] == "False"  # rank 1 writes nothing
+
+
+@pytest.mark.slow
+def test_two_process_data_parallel_run_writes_once_from_rank0(pipeline_repo, tmp_path):
+    """The multi-GPU path on CPU: torchrun with 2 processes (gloo), exactly as train.gpus=2 launches
+    it on GPUs. Both ranks train; only rank 0 writes the adapter, metrics and the MLflow run."""
+    repo = tmp_path / "repo"
+    shutil.copytree(pipeline_repo, repo, symlinks=True)
+    shutil.rmtree(repo / "models" / "adapter")
+    set_params(repo, {"train": {"max_steps": 4, "eval_steps": 2, "save_steps": 2, "logging_steps": 1}})
+    store = tmp_path / "mlflow.db"
+    code = ("import json, sys; sys.path.insert(0, 'stages'); import train; "
+            "print(json.dumps(train.launch_command(2, ['stages/train.py', 'data/formatted', "
+            "'models/adapter', 'metrics'])))")
+    cmd = json.loads(run([sys.executable, "-c", code], repo).stdout.splitlines()[-1])
+    proc = run(cmd, repo, env=dict(ENV, MLFLOW_TRACKING_URI=f"sqlite:///{store}"), timeout=600)
+
+    log = proc.stdout + proc.stderr
+    assert log.count("train: cpu, 2 process(es)") == 2             # both ranks ran
+    assert log.count("train: 4 steps in") == 1                     # one summary, from rank 0
+    metrics = json.loads((repo / "metrics" / "train.json").read_text())
+    tp = load_params("train", path=repo / "params.yaml")
+    assert metrics["world_size"] == 2 and metrics["steps"] == 4
+    assert metrics["effective_batch_size"] == 2 * tp["batch_size"] * tp["grad_accum"]
+    assert (repo / "models" / "adapter" / "adapter_model.safetensors").is_file()
+    assert not list((repo / "models" / "checkpoints").glob("checkpoint-*"))
+
+    import mlflow
+    mlflow.set_tracking_uri(f"sqlite:///{store}")
+    runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    assert [r.info.status for r in runs] == ["FINISHED"]
+    assert runs[0].data.metrics["final_world_size"] == 2

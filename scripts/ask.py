@@ -17,7 +17,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "stages"))
 
-from common import build_prompt, load_model, load_params, load_tuned_model, run_main  # noqa: E402
+from common import build_prompt, encode_prompts, load_model, load_params, load_tuned_model, run_main  # noqa: E402
 from evaluate import generation_kwargs  # noqa: E402  (the same settings as the evaluate stage)
 
 
@@ -59,8 +59,7 @@ def main() -> None:
 
     for question in questions(args.question):
         prompt = build_prompt(tokenizer, question, style)
-        # As in tokenize-format: a chat template writes its own BOS, the plain prompt gets the tokenizer's.
-        inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=style == "instruction").to(model.device)
+        inputs = encode_prompts(tokenizer, prompt, style, return_tensors="pt").to(model.device)
         model.generate(**inputs, streamer=streamer, pad_token_id=tokenizer.pad_token_id, use_cache=True,
                        **generation_kwargs(params["evaluate"]))
         sys.stdout.flush()

@@ -191,6 +191,12 @@ def build_prompt(tokenizer, question: str, style: str) -> str:
     raise UserError(f"format.style: expected one of {STYLES}, got {style!r}")
 
 
+def encode_prompts(tokenizer, prompts, style: str, **kwargs):
+    """Tokenise prompts from build_prompt as training does: the chat template writes its own BOS,
+    the plain instruction template relies on the tokenizer adding it."""
+    return tokenizer(prompts, add_special_tokens=style == "instruction", **kwargs)
+
+
 # ---------------------------------------------------------------- model loading
 
 def resolve_model_name(name: str) -> str:

@@ -18,8 +18,8 @@ import numpy as np
 from datasets import DatasetDict, load_dataset
 from transformers import AutoTokenizer
 
-from common import (atomic_path, build_prompt, load_params, pick_question, resolve_model_name,
-                    run_main, write_json, UserError)
+from common import (UserError, atomic_path, build_prompt, encode_prompts, load_params, pick_question,
+                    resolve_model_name, run_main, write_json)
 
 SPLITS = ("train", "val", "test")
 
@@ -51,8 +51,7 @@ def format_batch(batch: dict, tokenizer, fmt: dict) -> dict:
                  for uid, title in zip(batch["uid"], batch["title"])]
     prompts = [build_prompt(tokenizer, q, fmt["style"]) for q in questions]
     completions = [content + tokenizer.eos_token for content in batch["content"]]
-    # The chat template writes its own BOS; the plain template relies on the tokenizer adding it.
-    prompt_ids = tokenizer(prompts, add_special_tokens=fmt["style"] == "instruction")["input_ids"]
+    prompt_ids = encode_prompts(tokenizer, prompts, fmt["style"])["input_ids"]
     completion_ids = tokenizer(completions, add_special_tokens=False)["input_ids"]
     input_ids, masks, lengths, truncated = [], [], [], []
     for p, c in zip(prompt_ids, completion_ids):

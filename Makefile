@@ -13,10 +13,11 @@ setup: $(VENV)/.installed
 # torch==2.13.0 is in pyproject's dependencies, so pip resolves it in the same command as
 # unsloth and takes the CPU build (a plain `pip install unsloth` pulls a 3 GB CUDA torch).
 # PyPI's torchvision, pulled in by unsloth, breaks `import unsloth` beside the CPU torch: remove it.
+# -e: the titletune package is imported from this checkout, so an edit takes effect at once.
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q '.[dev]'
+	$(BIN)/pip install -q -e '.[dev]'
 	$(BIN)/pip uninstall -y -q torchvision || true
 	touch $@
 

@@ -4,7 +4,7 @@
     python benchmarks/generation_speed.py --shape llama-3.2-1b    # GPU: random-init Llama-3.2-1B shape, bf16
 
 Same model, same prompts, same number of new tokens for both paths:
-  evaluate   stages/evaluate.py's generate(): batches, left padding, KV cache (imported, not copied)
+  evaluate   titletune.generation.generate() (the evaluate stage's): batches, left padding, KV cache
   seed loop  one prompt at a time, model.generate(use_cache=False): every new token re-runs the text
 Greedy, and end-of-sequence is held off (min_new_tokens = max_new_tokens) so that both generate
 exactly --new-tokens tokens per prompt. Each path runs once untimed first (warm-up), then both
@@ -23,15 +23,16 @@ import sys
 import time
 from pathlib import Path
 
+import unsloth  # noqa: F401  (first, as in the stages: it patches transformers and PEFT)
+import torch
+from tqdm import tqdm
+
+from titletune.cli import UserError, run_main
+from titletune.generation import generate, prompt_ids, select_examples
+from titletune.modeling import load_formatted, load_model, load_tuned_model
+from titletune.params import load_params
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "stages"))
-
-import unsloth  # noqa: F401,E402  (first, as in the stages: it patches transformers and PEFT)
-import torch  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-
-from common import UserError, load_formatted, load_model, load_params, load_tuned_model, run_main  # noqa: E402
-from evaluate import generate, prompt_ids, select_examples  # noqa: E402
 
 SHAPES = {
     # meta-llama/Llama-3.2-1B: 1.24 B parameters (tied embeddings)
@@ -64,10 +65,10 @@ def timed(fn):
     return result, time.perf_counter() - start
 
 
-def local_model(args, params):
+def local_model(args, model, fmt):
     """The tiny (or any local) model, with the trained adapter if there is one, and the test prompts."""
-    model_params = dict(params["model"], name=args.model)
-    max_length = params["format"]["max_length"]
+    model_params = model.model_copy(update={"name": args.model})
+    max_length = fmt.max_length
     if (args.adapter / "adapter_config.json").is_file():
         model, tokenizer = load_tuned_model(model_params, max_length, args.adapter)
         label = f"{args.model} + adapter"
@@ -108,10 +109,10 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="timed runs of each path; the best counts")
     ap.add_argument("--json", type=Path, help="also write the figures to this JSON file")
     args = ap.parse_args()
-    params = load_params("model", "format", "evaluate")
-    batch_size = args.batch_size or params["evaluate"]["batch_size"]
+    model_params, fmt, ep = load_params("model", "format", "evaluate")
+    batch_size = args.batch_size or ep.batch_size
 
-    model, prompts, pad, label = shape_model(args) if args.shape else local_model(args, params)
+    model, prompts, pad, label = shape_model(args) if args.shape else local_model(args, model_params, fmt)
     kwargs = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False)
     device = (torch.cuda.get_device_name(0) if torch.cuda.is_available()
               else f"CPU ({torch.get_num_threads()} threads)")

@@ -6,7 +6,7 @@
 
 Works in copies of this repository under benchmarks/out/repro_noop/ (git-ignored):
 
-1. sample: a copy with the tests' fast params (tests/conftest.py FAST_PARAMS); `dvc repro` runs
+1. sample: a copy with the tests' fast params (titletune.testing.FAST_PARAMS); `dvc repro` runs
    every stage once, then a no-op `dvc repro` is timed --repeats times.
 2. full: the same copy with data.source = the full-size generated corpus (build/trn.json.gz,
    `python scripts/make_sample.py --full`; 2,248,619 records) and preprocess.max_records so
@@ -31,13 +31,10 @@ import re
 import shutil
 import statistics
 import subprocess
-import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
-from conftest import ENV, FAST_PARAMS, copy_repo, set_params  # noqa: E402
+from titletune.testing import ENV, FAST_PARAMS, ROOT, copy_repo, set_params
 
 DEFAULT_FULL = ROOT / "build" / "trn.json.gz"
 

@@ -5,20 +5,23 @@
     python scripts/ask.py --base "..."       # the base model alone, to compare
 
 Loads the base model (params.yaml `model`) + the adapter from models/adapter (`dvc repro` makes
-it), wraps the question in the training prompt (common.build_prompt, `format.style`) and
-generates with `evaluate`'s settings (max_new_tokens, do_sample, temperature, top_p).
+it), wraps the question in the training prompt (titletune.prompt, `format.style`) and generates
+with `evaluate`'s settings (max_new_tokens, do_sample, temperature, top_p).
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "stages"))
+from titletune.cli import run_main
+from titletune.generation import generation_kwargs
+from titletune.modeling import load_model, load_tuned_model, unsloth
+from titletune.params import load_params
+from titletune.prompt import build_prompt, encode_prompts
 
-from common import build_prompt, encode_prompts, load_model, load_params, load_tuned_model, run_main  # noqa: E402
-from evaluate import generation_kwargs  # noqa: E402  (the same settings as the evaluate stage)
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def questions(first: str | None):
@@ -43,25 +46,25 @@ def main() -> None:
     ap.add_argument("--base", action="store_true", help="answer with the base model, without the adapter")
     ap.add_argument("--adapter", type=Path, default=ROOT / "models" / "adapter")
     args = ap.parse_args()
-    params = load_params("model", "format", "evaluate")
-    style, max_length = params["format"]["style"], params["format"]["max_length"]
+    adapter = args.adapter.resolve()
+    os.chdir(ROOT)  # params.yaml and the paths in it are relative to the repository root
+    model_params, fmt, ep = load_params("model", "format", "evaluate")
 
     # Both loaders import unsloth before transformers and PEFT.
     if args.base:
-        model, tokenizer = load_model(params["model"], max_length)
+        model, tokenizer = load_model(model_params, fmt.max_length)
     else:
-        model, tokenizer = load_tuned_model(params["model"], max_length, args.adapter)
+        model, tokenizer = load_tuned_model(model_params, fmt.max_length, adapter)
     from transformers import TextStreamer
-    from unsloth import FastLanguageModel
-    FastLanguageModel.for_inference(model)
+    unsloth().for_inference(model)
     model.eval()
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
 
     for question in questions(args.question):
-        prompt = build_prompt(tokenizer, question, style)
-        inputs = encode_prompts(tokenizer, prompt, style, return_tensors="pt").to(model.device)
+        prompt = build_prompt(tokenizer, question, fmt.style)
+        inputs = encode_prompts(tokenizer, prompt, fmt.style, return_tensors="pt").to(model.device)
         model.generate(**inputs, streamer=streamer, pad_token_id=tokenizer.pad_token_id, use_cache=True,
-                       **generation_kwargs(params["evaluate"]))
+                       **generation_kwargs(ep))
         sys.stdout.flush()
 
 

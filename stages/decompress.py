@@ -26,8 +26,7 @@ import pyarrow as pa
 from isal import igzip, isal_zlib
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import UserError, atomic_path, run_main  # noqa: E402
+from titletune.cli import UserError, atomic_path, run_main
 
 BLOCK = 16 << 20          # bytes per read: big enough that Python overhead vanishes
 MAX_LINE = 64 << 20       # a longer "line" means the file is not JSON lines
@@ -106,51 +105,59 @@ def check_utf8(piece: bytes | memoryview, first_line: int, src: Path) -> None:
                             f"{piece[err.start:err.start + 1]!r}: {err.reason})") from None
 
 
+def copy_lines(stream, dst, src: Path, kind: str) -> tuple[int, int]:
+    """Copy stream to dst in blocks, checking that it is UTF-8 lines; (lines, bytes) written.
+
+    Two cores' worth: this thread inflates (ISA-L, without the GIL) and checks the text while a
+    writer thread copies the previous block to disk.
+    """
+    lines = size = 0
+    tail = b""            # the start of a line that continues in the next block
+    pending: deque = deque()
+    with ThreadPoolExecutor(1) as writer:
+        while True:
+            try:
+                block = stream.read(BLOCK)
+            except ARCHIVE_ERRORS as err:
+                raise UserError(f"{src}: truncated or corrupt {kind} file after {size:,} "
+                                f"bytes ({lines:,} lines): {err}") from None
+            if not block:
+                break
+            # Check whole lines, so that no character is split: the tail of the previous
+            # block with this block's first line, then the rest up to its last newline.
+            first, cut = block.find(b"\n") + 1, block.rfind(b"\n") + 1
+            if cut:
+                check_utf8(tail + block[:first], lines + 1, src)
+                check_utf8(memoryview(block)[first:cut], lines + 2, src)
+                lines += 1 + block.count(b"\n", first)
+                tail = block[cut:]
+            else:
+                tail += block
+                if len(tail) > MAX_LINE:
+                    raise UserError(f"{src}: line {lines + 1:,} is longer than "
+                                    f"{MAX_LINE >> 20} MB: not JSON lines")
+            pending.append(writer.submit(dst.write, block))
+            while len(pending) > 2:
+                pending.popleft().result()
+            size += len(block)
+        if tail:                                  # a last line without its newline
+            check_utf8(tail, lines + 1, src)
+            pending.append(writer.submit(dst.write, b"\n"))
+            lines += 1
+        for done in pending:
+            done.result()
+    return lines, size
+
+
 def main() -> None:
     if len(sys.argv) != 3:
         raise UserError("usage: python stages/decompress.py SOURCE OUT")
     src, out = Path(sys.argv[1]), Path(sys.argv[2])
     t0 = time.time()
-    lines = size = 0
-    tail = b""            # the start of a line that continues in the next block
     with ExitStack() as stack:
         stream, kind, bar = open_source(src, stack)
-        # Two cores' worth: this thread inflates (ISA-L, without the GIL) and checks the text
-        # while a writer thread copies the previous block to disk.
-        writer = stack.enter_context(ThreadPoolExecutor(1))
-        pending: deque = deque()
         with atomic_path(out) as tmp, open(tmp, "wb") as dst:
-            while True:
-                try:
-                    block = stream.read(BLOCK)
-                except ARCHIVE_ERRORS as err:
-                    raise UserError(f"{src}: truncated or corrupt {kind} file after {size:,} "
-                                    f"bytes ({lines:,} lines): {err}") from None
-                if not block:
-                    break
-                # Check whole lines, so that no character is split: the tail of the previous
-                # block with this block's first line, then the rest up to its last newline.
-                first, cut = block.find(b"\n") + 1, block.rfind(b"\n") + 1
-                if cut:
-                    check_utf8(tail + block[:first], lines + 1, src)
-                    check_utf8(memoryview(block)[first:cut], lines + 2, src)
-                    lines += 1 + block.count(b"\n", first)
-                    tail = block[cut:]
-                else:
-                    tail += block
-                    if len(tail) > MAX_LINE:
-                        raise UserError(f"{src}: line {lines + 1:,} is longer than "
-                                        f"{MAX_LINE >> 20} MB: not JSON lines")
-                pending.append(writer.submit(dst.write, block))
-                while len(pending) > 2:
-                    pending.popleft().result()
-                size += len(block)
-            if tail:                                  # a last line without its newline
-                check_utf8(tail, lines + 1, src)
-                pending.append(writer.submit(dst.write, b"\n"))
-                lines += 1
-            for done in pending:
-                done.result()
+            lines, size = copy_lines(stream, dst, src, kind)
             if size == 0:
                 raise UserError(f"{src}: empty, no records to read")
         bar.close()

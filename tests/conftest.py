@@ -1,69 +1,18 @@
-"""Shared fixtures: a throwaway copy of the repository to run real git/DVC commands in."""
+"""Shared fixtures: throwaway copies of the repository to run real git/DVC commands in
+(helpers in titletune.testing)."""
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "stages"))
-
-# Every subprocess runs the venv's python and dvc, without analytics or hub access.
-ENV = dict(os.environ, DVC_NO_ANALYTICS="1", HF_HUB_OFFLINE="1", UNSLOTH_DISABLE_STATISTICS="1",
-           PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
-ENV.pop("MLFLOW_TRACKING_URI", None)
-
-
-def run(cmd: list[str], cwd: Path, check: bool = True, **kw) -> subprocess.CompletedProcess:
-    """Run a command; on failure show its output in the assertion message."""
-    proc = subprocess.run(cmd, cwd=cwd, env=kw.pop("env", ENV), capture_output=True, text=True, **kw)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(map(str, cmd))} exited {proc.returncode}\n"
-                             f"--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-4000:]}")
-    return proc
-
-
-def copy_repo(dest: Path) -> Path:
-    """Copy the files git would see (tracked + untracked, not ignored) and commit them in a new repo."""
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT,
-                           capture_output=True, text=True, check=True).stdout.split("\0")
-    for rel in filter(None, files):
-        src = ROOT / rel
-        if src.is_file():
-            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dest / rel)
-    run(["git", "init", "-q", "-b", "main"], dest)
-    run(["git", "add", "-A"], dest)
-    run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-q", "-m", "copy"], dest)
-    return dest
+from titletune.testing import FAST_PARAMS, copy_repo, run, set_params
 
 
 @pytest.fixture
 def repo(tmp_path: Path) -> Path:
     """A fresh, committed copy of this repository (no DVC outputs, no cache)."""
     return copy_repo(tmp_path / "repo")
-
-
-# Params that make the whole pipeline take about a minute on 2 cores (tests only).
-FAST_PARAMS = {
-    "format": {"max_length": 128},
-    "train": {"max_steps": 12, "batch_size": 8, "eval_steps": 6, "save_steps": 6, "logging_steps": 2},
-    "evaluate": {"max_samples": 8, "batch_size": 8, "max_new_tokens": 16},
-}
-
-
-def set_params(repo: Path, overrides: dict) -> None:
-    """Write overrides ({section: {key: value}}) into the repo's params.yaml."""
-    import yaml
-    path = repo / "params.yaml"
-    params = yaml.safe_load(path.read_text())
-    for section, values in overrides.items():
-        params[section].update(values)
-    path.write_text(yaml.safe_dump(params, sort_keys=False))
 
 
 @pytest.fixture(scope="session")
@@ -79,3 +28,53 @@ def pipeline_repo(tmp_path_factory) -> Path:
     run(["git", "add", "-A"], repo)
     run(["git", "commit", "-qm", "repro"], repo)
     return repo
+
+
+@pytest.fixture(scope="session")
+def model_runs(pipeline_repo, tmp_path_factory) -> dict:
+    """Two commands on the pipeline repo's trained model, run at the same time (2 cores; most of
+    each run is importing Unsloth): evaluate with a zero adapter (the gate must fail) and
+    `scripts/ask.py` with a question of the evaluated test set. Read-only on the repo."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+
+    from titletune.testing import ENV
+
+    repo, tmp = pipeline_repo, tmp_path_factory.mktemp("model_runs")
+    samples = [json.loads(line) for line in (repo / "metrics/eval_samples.jsonl").read_text().splitlines()]
+    asked = next((s for s in samples if s["tuned"].strip()), None)
+    assert asked, "the tuned model gave only empty answers"
+    zero = zero_adapter(repo / "models/adapter", tmp / "zero_adapter")
+    # The gate runs in tmp, with its own params.yaml, MLflow store and ./mlruns: the repo stays as it is.
+    shutil.copy(repo / "params.yaml", tmp / "params.yaml")
+    set_params(tmp, {"model": {"name": str(repo / "models/tiny-llama")}})
+
+    def start(cmd: list, cwd: Path, **env) -> subprocess.Popen:
+        return subprocess.Popen(cmd, cwd=cwd, env=dict(ENV, **env), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+
+    procs = {
+        "gate": start([sys.executable, str(repo / "stages/evaluate.py"), str(repo / "data/formatted"), str(zero),
+                       str(tmp / "gate")], tmp, MLFLOW_TRACKING_URI=f"sqlite:///{tmp / 'gate.db'}"),
+        "ask": start([sys.executable, "scripts/ask.py", asked["question"]], repo),
+    }
+    finished = {}
+    for name, proc in procs.items():
+        out, err = proc.communicate(timeout=900)
+        finished[name] = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    return {"repo": repo, "tmp": tmp, "samples": samples, "asked": asked, **finished}
+
+
+def zero_adapter(adapter: Path, dest: Path) -> Path:
+    """A copy of the adapter with every LoRA B matrix zeroed: it changes nothing (tuned == base)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    shutil.copytree(adapter, dest)
+    (dest / "training_run.json").unlink()  # not the training run's: evaluate starts a new MLflow run
+    weights = load_file(dest / "adapter_model.safetensors")
+    save_file({k: v.zero_() if "lora_B" in k else v for k, v in weights.items()},
+              dest / "adapter_model.safetensors")
+    return dest

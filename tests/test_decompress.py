@@ -1,22 +1,25 @@
-"""decompress: every input kind gives the same JSON lines, streamed in blocks."""
+"""Stage `decompress` (stages/decompress.py): every input kind gives the same JSON lines, streamed
+in blocks; a damaged input is one clear line and no output."""
 from __future__ import annotations
 
 import gzip
+import json
+import re
 import sys
 import zipfile
 from pathlib import Path
 
 import pytest
 
-import decompress as D  # stages/ is on sys.path (conftest)
-from conftest import ROOT, run
+from stages import decompress as D
+from titletune.testing import ROOT, run
 
 LINES = ('{"uid": "B1", "title": "Caf\u00e9 \u2019s", "content": "\u4e2d\u6587 \U0001f600 text"}\n'
          '{"uid": "B2", "title": "Two", "content": ""}\n').encode("utf-8") * 50
 
 
 def decompress(src: Path, out: Path) -> str:
-    proc = run([sys.executable, "stages/decompress.py", str(src), str(out)], ROOT)
+    proc = run([sys.executable, "-m", "stages.decompress", str(src), str(out)], ROOT)
     return proc.stdout
 
 
@@ -42,12 +45,19 @@ def make(kind: str, tmp_path: Path, payload: bytes = LINES) -> Path:
     return path
 
 
-@pytest.mark.parametrize("kind", ["json", "gz", "zip", "zip-json"])
-def test_every_kind_gives_the_same_lines(kind, tmp_path):
-    out = tmp_path / "out" / "trn.jsonl"
-    summary = decompress(make(kind, tmp_path), out)
+@pytest.mark.parametrize("kind, detected", [
+    ("json", "plain"), ("gz", "gzip"), ("zip", "zip member AmazonTitles-1.3MM/trn.json.gz"),
+    ("zip-json", "zip member data.json")])
+def test_every_kind_gives_the_same_lines(kind, detected, tmp_path):
+    src, out = make(kind, tmp_path), tmp_path / "out" / "trn.jsonl"
+    summary = decompress(src, out)
     assert out.read_bytes() == LINES
-    assert "100 lines" in summary and " s " in summary + " "
+    # The summary names the source, what it was found to be, the output, the lines and the size.
+    match = re.fullmatch(rf"decompress: (.+) \((.+)\) -> (.+): 100 lines, ([\d.]+) MB in ([\d.]+) s "
+                         rf"\(([\d,]+) MB/s\)\n", summary)
+    assert match, summary
+    assert match.groups()[:4] == (str(src), detected, str(out), f"{len(LINES) / 1e6:.1f}")
+    assert sorted(p.name for p in out.parent.iterdir()) == ["trn.jsonl"]     # no temp file left
 
 
 def test_a_missing_last_newline_is_added(tmp_path):
@@ -63,7 +73,7 @@ def test_characters_split_between_blocks(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", ["decompress.py", str(src), str(out)])
     D.main()
     assert out.read_bytes() == LINES
-    assert "100 lines" in capsys.readouterr().out
+    assert ": 100 lines, " in capsys.readouterr().out
 
 
 def test_bad_byte_line_number_with_tiny_blocks(tmp_path, monkeypatch):
@@ -81,3 +91,74 @@ def test_the_committed_sample(tmp_path):
     out = tmp_path / "trn.jsonl"
     decompress(ROOT / "data" / "sample" / "trn.json.gz", out)
     assert out.read_bytes() == gzip.decompress((ROOT / "data" / "sample" / "trn.json.gz").read_bytes())
+
+
+# ---------------------------------------------------------------- bad input: exit 2, one line, no output
+
+GOOD = [{"uid": f"B{i:04d}", "title": f"Product title {i}", "content": f"A long enough description {i}.",
+         "target_ind": [1], "target_rel": [1.0]} for i in range(10)]
+
+
+def jsonl(records: list) -> bytes:
+    return "".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records).encode()
+
+
+def fails(src: Path, *needles: str) -> str:
+    out = src.parent / "out" / "trn.jsonl"
+    proc = run([sys.executable, "-m", "stages.decompress", str(src), str(out)], ROOT, check=False)
+    assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
+    assert "Traceback" not in proc.stderr, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and errors[0].startswith(f"error: {src}: "), proc.stderr
+    for needle in needles:
+        assert needle in errors[0], (needle, errors[0])
+    assert not out.exists() and not (out.parent.exists() and any(out.parent.iterdir()))
+    return errors[0]
+
+
+def test_truncated_gzip(tmp_path):
+    src = tmp_path / "trn.json.gz"
+    data = gzip.compress(jsonl(GOOD * 50))
+    src.write_bytes(data[: len(data) // 2])
+    fails(src, "truncated or corrupt gzip file")
+
+
+def test_corrupt_gzip(tmp_path):
+    src = tmp_path / "trn.json.gz"
+    data = bytearray(gzip.compress(jsonl(GOOD * 50)))
+    data[40:60] = b"\x00" * 20
+    src.write_bytes(bytes(data))
+    fails(src, "truncated or corrupt gzip file")
+
+
+def test_non_utf8_bytes(tmp_path):
+    src = tmp_path / "trn.json.gz"
+    src.write_bytes(gzip.compress(jsonl(GOOD[:2]) + b'{"uid": "x", "title": "caf\xe9"}\n'))
+    fails(src, "line 3: not UTF-8 (byte b'\\xe9': invalid continuation byte)")
+
+
+def test_empty_source(tmp_path):
+    src = tmp_path / "trn.json.gz"
+    src.write_bytes(b"")
+    fails(src, "empty, no records to read")
+
+
+def test_missing_source(tmp_path):
+    fails(tmp_path / "nope.json.gz", "not found (data.source in params.yaml)")
+
+
+def test_zip_without_the_member(tmp_path):
+    src = tmp_path / "corpus.zip"
+    with zipfile.ZipFile(src, "w") as z:
+        z.writestr("a.txt", "x")
+        z.writestr("b.txt", "y")
+    fails(src, "zip has no member trn.json.gz", "members: ['a.txt', 'b.txt']")
+
+
+def test_a_line_too_long_is_not_json_lines(tmp_path, monkeypatch):
+    src = make("json", tmp_path, b"x" * 200)
+    monkeypatch.setattr(D, "BLOCK", 16)
+    monkeypatch.setattr(D, "MAX_LINE", 64)
+    monkeypatch.setattr(sys, "argv", ["decompress.py", str(src), str(tmp_path / "o.jsonl")])
+    with pytest.raises(D.UserError, match="line 1 is longer than 0 MB: not JSON lines"):
+        D.main()

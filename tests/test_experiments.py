@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ENV, copy_repo, run
+from titletune.testing import ENV, run
 
 METRIC_FILES = ("metrics/data.json", "metrics/format.json", "metrics/train.json", "metrics/eval.json")
 
@@ -139,7 +139,7 @@ def check_show_and_mlflow(repo: Path, env: dict, store: Path) -> None:
     for name in ("lr-low", "lr-high"):
         r, data = runs[name], rows[name]
         assert r.info.run_name == name and r.info.status == "FINISHED"
-        assert float(r.data.params["train.learning_rate"]) == \
+        assert float(r.data.params["learning_rate"]) == \
             data["params"]["params.yaml"]["data"]["train"]["learning_rate"]
         assert r.data.metrics["final_val_loss_after"] == pytest.approx(
             metric(data, "metrics/train.json")["val_loss_after"])

@@ -1,21 +1,23 @@
-"""The preprocess rules: cleaning, boilerplate, filters, de-duplication, split, cap, metrics."""
+"""Stage `preprocess` (stages/preprocess.py): de-duplication, split, cap, metrics, bad lines, byte-
+identical outputs, clear one-line failures, and the stage under DVC."""
 from __future__ import annotations
 
 import json
 import random
-import re
+import shutil
 import sys
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import yaml
 
-import preprocess as P  # stages/ is on sys.path (conftest)
-from common import load_params
-
-DEFAULT_PATTERNS = [re.compile(p, re.IGNORECASE)
-                    for p in load_params("preprocess")["boilerplate_patterns"]]
+from stages import preprocess as P
+from titletune import corpus
+from titletune.corpus import SPLITS, uid_hash
+from titletune.params import load_params
+from titletune.testing import ROOT, run
 
 
 # ---------------------------------------------------------------- helpers
@@ -35,12 +37,12 @@ def write_jsonl(path: Path, records: list) -> Path:
 
 def preprocess(src: Path, out: Path, **params) -> tuple[dict, dict]:
     """Run the stage in this process with some params changed; ({split: [rows]}, metrics)."""
-    params = dict(load_params("preprocess"), **params)
+    params = load_params("preprocess", path=ROOT / "params.yaml").model_copy(update=params)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(P, "load_params", lambda section: params)
         mp.setattr(sys, "argv", ["preprocess.py", str(src), str(out / "processed"), str(out / "data.json")])
         P.main()
-    splits = {s: pq.read_table(out / "processed" / f"{s}.parquet").to_pylist() for s in P.SPLITS}
+    splits = {s: pq.read_table(out / "processed" / f"{s}.parquet").to_pylist() for s in SPLITS}
     return splits, json.loads((out / "data.json").read_text())
 
 
@@ -52,79 +54,6 @@ def many_records(n: int, seed: int = 0) -> list[dict]:
 
 def split_of_uid(splits: dict) -> dict[str, str]:
     return {r["uid"]: s for s, rows in splits.items() for r in rows}
-
-
-# ---------------------------------------------------------------- the cleaning rules
-
-def test_entities_hex_decimal_and_named_are_unescaped():
-    raw = "Don&#x2019;t &#8217;em &#8211; Tom &amp; Jerry &quot;live&quot; &mdash; a&#160;b"
-    assert P.clean_text(raw) == "Don\u2019t \u2019em \u2013 Tom & Jerry \"live\" \u2014 a b"
-
-
-def test_double_escaped_entities_are_unescaped():
-    assert P.clean_text("Tom&amp;#8217;s") == "Tom\u2019s"
-    assert P.clean_text("AT&amp;amp;T") == "AT&T"
-    assert P.clean_text("Q&A, R & D, &unknown; stay") == "Q&A, R & D, &unknown; stay"
-
-
-def test_whitespace_is_normalised():
-    assert P.clean_text("  a\n\tb  c\xa0d \u3000e\r\n") == "a b c d e"
-    assert P.clean_text("&#160;&#160;") == ""
-
-
-@pytest.mark.parametrize("tail", [
-    "--This text refers to an out of print or unavailable edition of this title.",
-    "--This text refers to the Paperback edition.",
-    " -- this TEXT refers to the Hardcover edition.",
-])
-def test_boilerplate_tails_are_stripped(tail):
-    assert P.clean_content("A gripping novel." + tail, DEFAULT_PATTERNS) == "A gripping novel."
-
-
-def test_text_without_boilerplate_is_kept():
-    text = "It refers to the text -- and this text is fine."
-    assert P.clean_content(text, DEFAULT_PATTERNS) == text
-
-
-def tricky_values(n: int, seed: int = 0) -> list[str]:
-    pieces = ["plain words", "Caf\u00e9 \u2019quoted\u2019", "&#x2019;", "&#8217;", "&amp;", "&quot;",
-              "&mdash;", "&#160;", "&amp;#8211;", "& alone", "  ", "\n", "\t", "\xa0", "\u2003",
-              " ", "thePaperbackedition", "--This text refers to the Paperback edition.",
-              "Copyright 1998 Reed Business Information, Inc.", "x", ""]
-    rnd = random.Random(seed)
-    return ["".join(rnd.choice(pieces) for _ in range(rnd.randrange(0, 8))) for _ in range(n)]
-
-
-@pytest.mark.parametrize("patterns", [
-    P.load_params("preprocess")["boilerplate_patterns"],             # RE2 picks the values
-    [r"(?<=\.)\s*Copyright \d{4} Reed Business Information.*$"],     # Python-only: all values
-    [],
-])
-def test_block_cleaning_equals_the_rules(patterns):
-    """The fast whole-block path gives exactly what clean_text/clean_content give per value."""
-    compiled = [re.compile(p, re.IGNORECASE) for p in patterns]
-    titles, contents = tricky_values(400, seed=1), tricky_values(400, seed=2)
-    table = pa.table({"uid": [f"u{i}" for i in range(400)], "title": titles, "content": contents},
-                     schema=P.SCHEMA)
-    out = P.clean_table(table, compiled).to_pylist()
-    assert sorted(r["row"] for r in out) == list(range(400))
-    for r in out:
-        assert r["title"] == P.clean_text(titles[r["row"]])
-        assert r["content"] == P.clean_content(contents[r["row"]], compiled)
-
-
-def test_filters_give_one_reason_each():
-    cfg = {"min_content_chars": 20, "min_title_chars": 3}
-    rows = [("A fine title", "A description that is long enough."),   # kept
-            ("A fine title", ""),                                        # empty_content
-            ("A fine title", "VHS Tape"),                                # short_content
-            ("It", "A description that is long enough."),                # short_title
-            ("Same text, twenty chars+", "Same text, twenty chars+"),    # content_equals_title
-            ("", "")]                                                    # empty_content first
-    table = pa.table({"title": [t for t, _ in rows], "content": [c for _, c in rows]})
-    why = [P.REASONS[k] if k >= 0 else None for k in P.drop_reasons(table, cfg)]
-    assert why == [None, "empty_content", "short_content", "short_title", "content_equals_title",
-                   "empty_content"]
 
 
 # ---------------------------------------------------------------- the stage on small files
@@ -172,9 +101,9 @@ def test_cap_keeps_the_same_records_whatever_the_order(tmp_path):
     # The cap keeps the records with the smallest order hash, in their input order and split.
     full, _ = preprocess(tmp_path / "a.jsonl", tmp_path / "nocap")
     uids = [r["uid"] for r in recs]
-    _, rank = P.uid_hash(load_params("preprocess")["split_salt"], pa.chunked_array([uids]))
+    _, rank = uid_hash(load_params("preprocess", path=ROOT / "params.yaml").split_salt, pa.chunked_array([uids]))
     smallest = {uids[i] for i in rank.argsort()[:300]}
-    for s in P.SPLITS:
+    for s in SPLITS:
         assert capped[s] == [r for r in full[s] if r["uid"] in smallest]
 
 
@@ -216,32 +145,122 @@ def test_many_blocks_and_threads_give_the_same_bytes(tmp_path, monkeypatch):
     recs.insert(1234, "not json at all")
     src = write_jsonl(tmp_path / "in.jsonl", recs)
 
+    monkeypatch.chdir(ROOT)  # P.main reads params.yaml there
+
     def run_main(out: str, block: int, row_group: int):
-        monkeypatch.setattr(P, "BLOCK", block)
-        monkeypatch.setattr(P, "ROW_GROUP", row_group)
+        monkeypatch.setattr(corpus, "BLOCK", block)
+        monkeypatch.setattr(corpus, "ROW_GROUP", row_group)
         monkeypatch.setattr(sys, "argv", ["preprocess.py", str(src), str(tmp_path / out),
                                           str(tmp_path / f"{out}.json")])
         P.main()
-        return ({s: (tmp_path / out / f"{s}.parquet").read_bytes() for s in P.SPLITS},
+        return ({s: (tmp_path / out / f"{s}.parquet").read_bytes() for s in SPLITS},
                 json.loads((tmp_path / f"{out}.json").read_text()),
                 (tmp_path / out / "bad_lines.txt").read_text())
 
     one = run_main("one", 1 << 30, 500)
     many = run_main("many", 20_000, 500)          # ~15 blocks; row groups of 500 in both
-    for s in P.SPLITS:
+    for s in SPLITS:
         assert one[0][s] == many[0][s], s
     assert one[1] == many[1] and one[2] == many[2]
     assert "line 1235: -: not valid JSON" in many[2]
 
 
-def test_seen_keys_match_a_python_set():
-    import numpy as np
-    rng = np.random.default_rng(0)
-    seen, ref = P.Seen(), set()
-    for _ in range(50):
-        keys = rng.integers(0, 3000, size=rng.integers(0, 200)).astype(np.uint64)
-        expected = []
-        for k in keys.tolist():
-            expected.append(k not in ref)
-            ref.add(k)
-        assert seen.first(keys).tolist() == expected
+# ---------------------------------------------------------------- bad input: exit 2, one line, no output
+
+GOOD = [{"uid": f"B{i:04d}", "title": f"Product title {i}", "content": f"A long enough description {i}.",
+         "target_ind": [1], "target_rel": [1.0]} for i in range(10)]
+
+
+def fails(src: Path, *needles: str, cwd: Path = ROOT) -> str:
+    """Run the stage on src: exit code 2, one `error:` line with every needle, no output written."""
+    out = src.parent / "processed"
+    proc = run([sys.executable, "-m", "stages.preprocess", str(src), str(out), str(src.parent / "data.json")],
+               cwd, check=False)
+    assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
+    assert "Traceback" not in proc.stderr, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, proc.stderr
+    for needle in needles:
+        assert needle in errors[0], (needle, errors[0])
+    assert not out.exists() and not (src.parent / "data.json").exists()
+    return errors[0]
+
+
+def test_malformed_json_line_above_the_limit(tmp_path):
+    src = write_jsonl(tmp_path / "trn.jsonl", GOOD[:3] + ['{"uid": "B9", "title": "x", "content": '] + GOOD[3:])
+    fails(src, "1 of 11 lines are malformed (9.09%, above preprocess.max_bad_fraction=0.01)",
+          "first: line 4: -: not valid JSON")
+
+
+def test_missing_field(tmp_path):
+    src = write_jsonl(tmp_path / "trn.jsonl", GOOD[:1] + [{"uid": "B9", "title": "no content"}] + GOOD[1:])
+    fails(src, "line 2: content: missing")
+
+
+def test_non_string_title(tmp_path):
+    src = write_jsonl(tmp_path / "trn.jsonl", GOOD[:5] + [{"uid": "B9", "title": 1234, "content": "text text x"}])
+    fails(src, "line 6: title: not a string but int 1234")
+
+
+def test_empty_file(tmp_path):
+    src = tmp_path / "trn.jsonl"
+    src.write_bytes(b"")
+    fails(src, f"{src}: empty file, no records")
+
+
+def test_only_blank_lines(tmp_path):
+    src = tmp_path / "trn.jsonl"
+    src.write_bytes(b"\n \n\n")
+    fails(src, f"{src}: no records (only blank lines)")
+
+
+def test_no_usable_record(tmp_path):
+    src = write_jsonl(tmp_path / "trn.jsonl", [dict(r, content="") for r in GOOD])
+    fails(src, "no usable record: all 10 records were dropped (empty_content 10)")
+
+
+def test_bad_params_stop_the_stage_before_any_work(repo):
+    """params.yaml is checked first (the whole file), with the same one line as titletune.params."""
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["preprocess"]["val_fraction"] = 1.5
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    src = write_jsonl(repo / "in" / "trn.jsonl", GOOD)
+    assert fails(src, cwd=repo) == \
+        "error: params.yaml: preprocess.val_fraction: 1.5 is not allowed (must be a number in [0, 1))"
+
+
+# ---------------------------------------------------------------- under DVC
+
+def ran(output: str) -> list[str]:
+    """The stages a `dvc repro` ran, in order."""
+    return [line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage '")]
+
+
+def test_dvc_repro_preprocess(repo):
+    # Outputs someone made by hand in the working tree must not be in the copy's git.
+    run(["git", "rm", "-r", "-q", "--cached", "--ignore-unmatch", "data/interim", "data/processed"], repo)
+    for stale in ("data/interim", "data/processed"):
+        shutil.rmtree(repo / stale, ignore_errors=True)
+
+    first = run(["dvc", "repro", "preprocess"], repo)
+    assert ran(first.stdout) == ["decompress", "preprocess"], first.stdout
+    metrics = json.loads((repo / "metrics/data.json").read_text())
+    rows = {s: pq.read_metadata(repo / f"data/processed/{s}.parquet").num_rows for s in SPLITS}
+    assert rows == {s: metrics["records_out"][s] for s in SPLITS} and sum(rows.values()) > 1000
+    assert metrics["records_in"] == sum(rows.values()) + sum(metrics["dropped"].values())
+    assert (repo / "data/processed/bad_lines.txt").read_text().startswith("0 malformed of ")
+
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
+    for stage in ("decompress", "preprocess"):
+        assert lock[stage]["deps"] and all(d.get("md5") for d in lock[stage]["deps"]), stage
+        assert lock[stage]["outs"] and all(o.get("md5") for o in lock[stage]["outs"]), stage
+    assert "preprocess" in lock["preprocess"]["params"]["params.yaml"]
+
+    again = run(["dvc", "repro", "preprocess"], repo)
+    assert ran(again.stdout) == [], again.stdout
+
+    # Same inputs and params => the same bytes.
+    before = {p: (repo / p).read_bytes() for p in ("metrics/data.json", *(f"data/processed/{s}.parquet" for s in SPLITS))}
+    forced = run(["dvc", "repro", "-f", "preprocess"], repo)
+    assert ran(forced.stdout) == ["decompress", "preprocess"]
+    assert {p: (repo / p).read_bytes() for p in before} == before

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ENV, run
+from titletune.testing import ENV, run
 
 UP_TO_DATE = "Data and pipelines are up to date."
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import ENV, FAST_PARAMS, copy_repo, run, set_params
+from titletune.testing import ENV, FAST_PARAMS, copy_repo, run, set_params
 
 DATA_STAGES = ("decompress", "preprocess", "tokenize-format")
 

@@ -1,0 +1,37 @@
+"""titletune/modeling.py: where models come from, and clear errors before anything heavy loads."""
+from __future__ import annotations
+
+import pytest
+
+from titletune.cli import UserError
+from titletune.modeling import load_formatted, load_tokenizer, load_tuned_model, resolve_model_name
+from titletune.params import Model
+from titletune.testing import ROOT
+
+TINY = Model(name="models/tiny-llama", load_in_4bit=False, trust_remote_code=False)
+
+
+def test_a_local_folder_is_relative_to_the_repository_root(monkeypatch):
+    monkeypatch.chdir(ROOT)
+    assert resolve_model_name("models/tiny-llama") == "models/tiny-llama"
+    assert load_tokenizer(TINY).eos_token == "</s>"
+
+
+def test_missing_model_folder_and_offline_hub_id_fail_clearly(monkeypatch, tmp_path):
+    monkeypatch.chdir(ROOT)
+    with pytest.raises(UserError, match="'models/no-such-model' is not a folder"):
+        resolve_model_name("models/no-such-model")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="has no config.json; not a Hugging Face model folder"):
+        resolve_model_name(str(tmp_path / "empty"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", "/nonexistent-hf-home")
+    with pytest.raises(UserError, match="is a hub id, but the Hugging Face hub cannot be reached"):
+        resolve_model_name("unsloth/Llama-3.2-1B-Instruct")
+
+
+def test_missing_adapter_and_missing_data_say_run_dvc_repro(tmp_path):
+    with pytest.raises(UserError, match=r"no trained adapter here; run `dvc repro` first"):
+        load_tuned_model(TINY, 128, tmp_path / "adapter")     # before any model loads
+    with pytest.raises(UserError, match=r"no formatted dataset; run `dvc repro` \(tokenize-format\) first"):
+        load_formatted(tmp_path / "formatted")

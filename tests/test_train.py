@@ -1,0 +1,82 @@
+"""Stage `train` (stages/train.py): it lowers the validation loss and writes its metrics and step log;
+a killed run resumes from its last checkpoint; only a train param change re-runs it."""
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from titletune.testing import ENV, FAST_PARAMS, run, set_params
+
+
+@pytest.mark.slow
+def test_training_lowers_val_loss_and_writes_metrics_and_step_log(pipeline_repo):
+    metrics = json.loads((pipeline_repo / "metrics" / "train.json").read_text())
+    fast = FAST_PARAMS["train"]
+    assert metrics["steps"] == fast["max_steps"] and metrics["world_size"] == 1
+    assert metrics["val_loss_after"] < metrics["val_loss_before"]
+    assert metrics["train_loss_after"] < metrics["train_loss_before"]
+    assert metrics["tokens_per_s"] > 0 and metrics["tokens_per_s_overall"] > 0 and metrics["peak_memory_gb"] > 0
+    assert metrics["effective_batch_size"] == fast["per_device_train_batch_size"]
+    with open(pipeline_repo / "metrics" / "train_log.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ["step", "train_loss", "val_loss", "learning_rate"]
+    logged = [int(r["step"]) for r in rows if r["train_loss"]]
+    assert logged == list(range(fast["logging_steps"], fast["max_steps"] + 1, fast["logging_steps"]))
+    evaluated = [int(r["step"]) for r in rows if r["val_loss"]]
+    assert evaluated == list(range(fast["eval_steps"], fast["max_steps"] + 1, fast["eval_steps"]))
+    assert (pipeline_repo / "metrics" / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    adapter = pipeline_repo / "models" / "adapter"
+    assert {"adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "training_run.json"} <= \
+        {p.name for p in adapter.iterdir()}
+    assert not list((pipeline_repo / "models" / "checkpoints").glob("checkpoint-*"))   # cleaned after success
+
+
+@pytest.mark.slow
+def test_killed_training_resumes_from_its_last_checkpoint(pipeline_repo, tmp_path):
+    repo = tmp_path / "repo"
+    shutil.copytree(pipeline_repo, repo, symlinks=True)
+    set_params(repo, {"train": {"max_steps": 24, "save_steps": 4, "eval_steps": 100}})
+    cmd = [sys.executable, "-m", "stages.train", "data/formatted", "models/adapter", "metrics"]
+    proc = subprocess.Popen(cmd, cwd=repo, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 400
+        # trainer_state.json is the last file a checkpoint gets: kill once checkpoint-8 is complete
+        while not (repo / "models" / "checkpoints" / "checkpoint-8" / "trainer_state.json").exists():
+            assert proc.poll() is None and time.time() < deadline, "training ended before a checkpoint"
+            time.sleep(0.5)
+        time.sleep(1)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    resumed = run(["dvc", "repro", "train"], repo, timeout=600)
+    assert "resuming from the last checkpoint" in resumed.stdout + resumed.stderr
+    metrics = json.loads((repo / "metrics" / "train.json").read_text())
+    assert metrics["steps"] == 24
+    assert not list((repo / "models" / "checkpoints").glob("checkpoint-*"))  # cleaned after success
+
+
+@pytest.mark.slow
+def test_changing_a_train_param_reruns_only_train_and_what_follows(pipeline_repo, tmp_path):
+    repo = tmp_path / "repo"
+    shutil.copytree(pipeline_repo, repo, symlinks=True)
+    set_params(repo, {"train": {"learning_rate": 0.001}})
+    changed = json.loads(run(["dvc", "status", "--json"], repo).stdout)
+    # train is out of date; the data stages are not (evaluate and export follow once train re-runs)
+    assert changed == {"train": [{"changed deps": {"params.yaml": {"train": "modified"}}}]}, changed
+
+
+def test_a_bad_optimizer_name_stops_train_before_loading_a_model(repo):
+    set_params(repo, {"train": {"optim": "adamw_torhc"}})
+    proc = run([sys.executable, "-m", "stages.train", "data/formatted", "models/adapter", "metrics"], repo,
+               check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    error = proc.stderr.strip().splitlines()[-1]
+    assert error.startswith('error: params.yaml: train.optim: "adamw_torhc" is not allowed (must be one of auto, ')
+    assert error.endswith("; did you mean adamw_torch?")

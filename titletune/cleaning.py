@@ -1,0 +1,139 @@
+"""The cleaning rules of preprocess, applied to whole Arrow blocks: one implementation of each.
+
+Titles and contents: HTML entities unescaped (twice: scraped text is double-escaped), every run
+of whitespace (Python's str.isspace) collapsed to one space and the ends trimmed. Contents also
+lose each `preprocess.boilerplate_patterns` match (case-insensitive), after which whitespace is
+collapsed again. Then the filters: every dropped record gets one reason of REASONS.
+tests/test_cleaning.py holds the expected output of each rule.
+
+Speed: RE2 (Arrow, C++) finds the values that need any work; Python runs only on those.
+"""
+from __future__ import annotations
+
+import html
+import re
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+# Every dropped record gets exactly one of these, the first that applies, in this order.
+REASONS = ("malformed", "empty_content", "short_content", "short_title", "content_equals_title",
+           "duplicate_uid", "duplicate_title_content", "over_max_records")
+
+# html.unescape's own pattern. A match's replacement depends on the match alone, so it is
+# cached: the corpus has a handful of distinct entities, repeated millions of times.
+_ENTITY = re.compile(r"&(#[0-9]+;?|#[xX][0-9a-fA-F]+;?|[^\t\n\f <&#;]{1,32};?)")
+_UNESCAPED: dict[str, str] = {}
+
+
+def _unescape_one(m: re.Match) -> str:
+    ref = m[0]
+    out = _UNESCAPED.get(ref)
+    if out is None:
+        out = _UNESCAPED[ref] = html.unescape(ref)
+    return out
+
+
+def unescape(s: str) -> str:
+    """html.unescape, twice: scraped text has double escaping (&amp;#8217;)."""
+    for _ in range(2):
+        if "&" not in s:
+            break
+        s = _ENTITY.sub(_unescape_one, s)
+    return s
+
+
+def clean_text(s: str) -> str:
+    """Unescape HTML entities (&#x2019; &#8217; &amp; &#160; ...), then collapse every run of
+    whitespace to one space and trim the ends."""
+    return " ".join(unescape(s).split())
+
+
+def clean_content(s: str, patterns: list[re.Pattern]) -> str:
+    """clean_text, then remove each boilerplate pattern in turn."""
+    s = clean_text(s)
+    for p in patterns:
+        stripped, n = p.subn("", s)
+        if n:
+            s = " ".join(stripped.split())
+    return s
+
+
+# clean_text and clean_content are the rules; what follows applies them to a whole block at
+# the speed of Arrow (RE2, C++), with Python only for the values that need it.
+
+# Python's whitespace (str.isspace), in RE2 syntax.
+_WS = r"\t-\r \x{1c}-\x{1f}\x{85}\x{a0}\x{1680}\x{2000}-\x{200a}\x{2028}\x{2029}\x{202f}\x{205f}\x{3000}"
+_WS_NOT_SPACE = _WS.replace(" ", "")
+# A value needs work if it has an "&", or whitespace other than single spaces between words.
+NEEDS_CLEANING = f"&|^[{_WS}]|[{_WS}]$|[{_WS_NOT_SPACE}]|  "
+# A run of whitespace that " ".join(s.split()) would rewrite: not a lone space.
+_WS_RUN = f"(?: *[{_WS_NOT_SPACE}]|  )[{_WS}]*"
+
+
+def squeeze_spaces(col: pa.Array) -> pa.Array:
+    """" ".join(s.split()) for every value, in RE2."""
+    return pc.utf8_trim(pc.replace_substring_regex(col, _WS_RUN, " "), " ")
+
+
+def re2_finds_all(pattern: str) -> bool:
+    r"""Whether RE2 matches at least every value that Python's re matches, so it can pick the
+    values to run Python on: ASCII patterns without Unicode-aware classes that RE2 compiles.
+    (\s is safe: values that reach this test have single spaces as their only whitespace.)"""
+    if not pattern.isascii() or re.search(r"\\[wWdDbB]", pattern):
+        return False
+    try:
+        pc.match_substring_regex(pa.array([""]), f"(?i:{pattern})")
+    except pa.ArrowInvalid:                        # Python-only syntax (lookbehind, ...)
+        return False
+    return True
+
+
+def strip_boilerplate(col: pa.Array, patterns: list[re.Pattern]) -> pa.Array:
+    """Remove each pattern in turn, running Python only on the values RE2 says match."""
+    for p in patterns:
+        if re2_finds_all(p.pattern):
+            hit = pc.match_substring_regex(col, f"(?i:{p.pattern})")
+        else:
+            hit = pa.array([p.search(v) is not None for v in col.to_numpy(zero_copy_only=False)],
+                           pa.bool_())
+        if pc.any(hit).as_py():
+            fixed = [" ".join(p.sub("", v).split())
+                     for v in col.filter(hit).to_numpy(zero_copy_only=False)]
+            col = pc.replace_with_mask(col, hit, pa.array(fixed, pa.string()))
+    return col
+
+
+def clean_table(table: pa.Table, patterns: list[re.Pattern]) -> pa.Table:
+    """clean_text on titles, clean_content on contents. Adds column `row` (the input row)
+    because the rows that needed work come back after those that did not."""
+    table = table.append_column("row", pa.array(np.arange(table.num_rows, dtype=np.int64)))
+    if all(re2_finds_all(p.pattern) for p in patterns):
+        content_re = "|".join([NEEDS_CLEANING] + [f"(?i:{p.pattern})" for p in patterns])
+        dirty = pc.match_substring_regex(table["content"], content_re)
+    else:
+        dirty = pc.not_equal(table["content"], "")
+    dirty = pc.or_(dirty, pc.match_substring_regex(table["title"], NEEDS_CLEANING))
+    if not pc.any(dirty).as_py():
+        return table
+    fix = table.filter(dirty)
+    columns = {}
+    for name in ("title", "content"):
+        values = [unescape(v) for v in fix[name].to_numpy(zero_copy_only=False)]
+        columns[name] = squeeze_spaces(pa.array(values, pa.string()))
+    columns["content"] = strip_boilerplate(columns["content"], patterns)
+    fix = fix.set_column(1, "title", columns["title"]).set_column(2, "content", columns["content"])
+    return pa.concat_tables([table.filter(pc.invert(dirty)), fix])
+
+
+def drop_reasons(table: pa.Table, min_title_chars: int, min_content_chars: int) -> np.ndarray:
+    """Per record, the index in REASONS of the filter that drops it, or -1 to keep it."""
+    t_len = pc.utf8_length(table["title"]).to_numpy()
+    c_len = pc.utf8_length(table["content"]).to_numpy()
+    same = pc.equal(table["title"], table["content"]).to_numpy()
+    return np.select(
+        [c_len == 0, c_len < min_content_chars, t_len < min_title_chars, same],
+        [REASONS.index(r) for r in ("empty_content", "short_content", "short_title",
+                                    "content_equals_title")], -1)
+

@@ -1,0 +1,255 @@
+"""LoRA / QLoRA training with Unsloth and TRL: the SFTConfig, the adapter, resuming, measuring.
+
+sft_config passes the train params that carry SFTConfig's own names straight through (SFT_KEYS)
+and adds what the hardware decides (hardware_settings: precision, `optim: auto`). Checkpoints
+go to models/checkpoints (a persisted DVC output): a killed run resumes from the last one if the
+params and the data are still the same (run_fingerprint), else it starts over.
+"""
+from __future__ import annotations
+
+import unsloth  # noqa: F401  (first: it patches transformers, TRL and PEFT; see titletune.modeling)
+from unsloth import FastLanguageModel
+
+import csv
+import difflib
+import hashlib
+import json
+import resource
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from transformers import TrainerCallback
+from trl import SFTConfig
+
+from titletune.cli import UserError, atomic_path, write_json
+from titletune.launch import is_rank0
+
+CHECKPOINT_DIR = Path("models/checkpoints")
+FINGERPRINT = CHECKPOINT_DIR / "fingerprint.json"
+LOSS_BEFORE = CHECKPOINT_DIR / "loss_before.json"
+LOSS_SUBSET = 256  # examples used to measure train loss before/after (the full train set is too slow)
+# train params that are SFTConfig arguments of the same name and meaning
+SFT_KEYS = ("per_device_train_batch_size", "gradient_accumulation_steps", "learning_rate",
+            "lr_scheduler_type", "warmup_steps", "weight_decay", "num_train_epochs", "seed", "packing",
+            "padding_free", "eval_steps", "logging_steps", "save_steps", "save_total_limit")
+
+
+def check_names(tp) -> None:
+    """train.optim and train.lr_scheduler_type must be names transformers knows (checked here, not
+    in titletune.params, which every stage imports: importing transformers takes seconds)."""
+    from transformers.trainer_utils import SchedulerType
+    from transformers.training_args import OptimizerNames
+    for key, names in (("optim", ["auto", *(o.value for o in OptimizerNames)]),
+                       ("lr_scheduler_type", [s.value for s in SchedulerType])):
+        value = getattr(tp, key)
+        if value not in names:
+            close = difflib.get_close_matches(value, names, n=1)
+            raise UserError(f"params.yaml: train.{key}: {json.dumps(value)} is not allowed (must be one of "
+                            f"{', '.join(names)})" + (f"; did you mean {close[0]}?" if close else ""))
+
+
+def hardware_settings(optim: str) -> dict:
+    """Precision and optimizer from what this machine has; logged so the choice is visible."""
+    if torch.cuda.is_available():
+        bf16 = torch.cuda.is_bf16_supported()
+        return {"device": torch.cuda.get_device_name(0), "bf16": bf16, "fp16": not bf16, "use_cpu": False,
+                "optim": "adamw_8bit" if optim == "auto" else optim}
+    if optim in ("adamw_8bit", "paged_adamw_8bit"):
+        print(f"train: optimizer {optim} needs a GPU; using adamw_torch on CPU")
+    cpu_optim = "adamw_torch" if optim in ("auto", "adamw_8bit", "paged_adamw_8bit") else optim
+    return {"device": "cpu", "bf16": False, "fp16": False, "use_cpu": True, "optim": cpu_optim}
+
+
+def sft_config(tp, max_length: int, hw: dict, world_size: int, output_dir: Path) -> SFTConfig:
+    """The SFTConfig of a run, from the train params and the hardware (also used by benchmarks/)."""
+    return SFTConfig(
+        output_dir=str(output_dir),
+        **{key: getattr(tp, key) for key in SFT_KEYS},
+        per_device_eval_batch_size=tp.per_device_train_batch_size,
+        max_steps=tp.max_steps if tp.max_steps > 0 else -1,  # 0: num_train_epochs decides
+        data_seed=tp.seed,
+        optim=hw["optim"], bf16=hw["bf16"], fp16=hw["fp16"], use_cpu=hw["use_cpu"],
+        max_length=max_length,
+        completion_only_loss=True,
+        eval_strategy="steps", save_strategy="steps",
+        include_num_input_tokens_seen="non_padding",
+        ddp_find_unused_parameters=False if world_size > 1 else None,
+        report_to=["mlflow"] if is_rank0() else [],
+    )
+
+
+def train_val_sets(data, data_dir: Path):
+    """The formatted train and val splits, as the trainer takes them (token ids and loss mask)."""
+    columns = ["input_ids", "completion_mask"]
+    train_set, val_set = data["train"].select_columns(columns), data["val"].select_columns(columns)
+    if len(val_set) == 0:
+        raise UserError(f"{data_dir}: the validation split is empty; raise preprocess.val_fraction")
+    return train_set, val_set
+
+
+def add_lora(model, tp):
+    """The LoRA adapter on every `train.target_modules` layer, through Unsloth."""
+    return FastLanguageModel.get_peft_model(
+        model, r=tp.lora_r, lora_alpha=tp.lora_alpha, lora_dropout=tp.lora_dropout,
+        target_modules=list(tp.target_modules), bias="none",
+        use_gradient_checkpointing=tp.gradient_checkpointing, random_state=tp.seed)
+
+
+# ---------------------------------------------------------------- resume
+
+def run_fingerprint(sections: dict, train_set) -> str:
+    """What a checkpoint must match to be resumed: the params ({name: section}) and the data."""
+    params = {name: section.model_dump() for name, section in sections.items()}
+    blob = json.dumps({"params": params, "data": train_set._fingerprint}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def resumable_checkpoint(fingerprint: str) -> bool:
+    """True when models/checkpoints holds a checkpoint of this same run; else clear it."""
+    for ckpt in CHECKPOINT_DIR.glob("checkpoint-*"):
+        if not (ckpt / "trainer_state.json").is_file():
+            shutil.rmtree(ckpt)  # cut short while being saved (its state file is written last)
+    has_checkpoint = any(CHECKPOINT_DIR.glob("checkpoint-*"))
+    if has_checkpoint and FINGERPRINT.is_file() and json.loads(FINGERPRINT.read_text())["run"] == fingerprint:
+        return True
+    if CHECKPOINT_DIR.exists():
+        shutil.rmtree(CHECKPOINT_DIR)
+    CHECKPOINT_DIR.mkdir(parents=True)
+    return False
+
+
+def resume_decision(fingerprint: str, world_size: int) -> bool:
+    """Rank 0 keeps or clears the checkpoints; under torchrun every rank then sees its choice."""
+    resume = resumable_checkpoint(fingerprint) if is_rank0() else False
+    if world_size > 1:
+        torch.distributed.barrier()  # rank 0 has cleared or kept the checkpoints
+        resume = any(CHECKPOINT_DIR.glob("checkpoint-*"))
+    return resume
+
+
+def clear_checkpoints() -> None:
+    """After a finished run: its checkpoints are no longer needed (the adapter is the result)."""
+    for ckpt in CHECKPOINT_DIR.glob("checkpoint-*"):
+        shutil.rmtree(ckpt)
+
+
+# ---------------------------------------------------------------- measuring
+
+def timed_train(trainer, resume: bool) -> float:
+    """Train (from the last checkpoint when resuming); the seconds it took."""
+    started = time.perf_counter()
+    trainer.train(resume_from_checkpoint=True if resume else None)
+    return time.perf_counter() - started
+
+
+def losses(trainer, train_subset) -> dict:
+    """Validation loss and the loss on a fixed subset of the training examples."""
+    return {"val_loss": trainer.evaluate()["eval_loss"],
+            "train_loss": trainer.evaluate(train_subset, metric_key_prefix="train")["train_loss"]}
+
+
+def losses_before(trainer, train_subset, resume: bool, fingerprint: str) -> dict:
+    """The losses before training: measured now, or those of the run being resumed."""
+    if resume and LOSS_BEFORE.is_file():
+        print(f"train: resuming from the last checkpoint in {CHECKPOINT_DIR}", flush=True)
+        return json.loads(LOSS_BEFORE.read_text())
+    before = losses(trainer, train_subset)
+    if is_rank0():
+        write_json(LOSS_BEFORE, before)
+        write_json(FINGERPRINT, {"run": fingerprint})
+    return before
+
+
+class Throughput(TrainerCallback):
+    """Steady-state tokens/s: measured from the end of the first steps (compilation, warm caches)."""
+
+    warmup_steps = 3
+
+    def __init__(self):
+        self.marks = []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        mark = (time.perf_counter(), state.num_input_tokens_seen)
+        self.marks = self.marks[:1] + [mark] if state.global_step > self.warmup_steps else [mark]
+
+    def tokens_per_s(self) -> float:
+        if len(self.marks) < 2:
+            return 0.0
+        (t0, n0), (t1, n1) = self.marks
+        return (n1 - n0) / (t1 - t0)
+
+
+def peak_memory_gb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 1e9
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # kB on Linux
+
+
+def run_metrics(trainer, before: dict, after: dict, runtime: float, throughput: Throughput, tp,
+                world_size: int) -> dict:
+    """metrics/train.json."""
+    return {
+        "val_loss_before": before["val_loss"], "val_loss_after": after["val_loss"],
+        "train_loss_before": before["train_loss"], "train_loss_after": after["train_loss"],
+        "steps": trainer.state.global_step,
+        "train_runtime_s": runtime,
+        # Real (non-padding) tokens of all ranks per second, after the first steps (warm-up) and
+        # over the whole run (warm-up, compilation and in-training evaluation included).
+        "tokens_per_s": throughput.tokens_per_s(),
+        "tokens_per_s_overall": trainer.state.num_input_tokens_seen / runtime,
+        "peak_memory_gb": peak_memory_gb(),
+        "effective_batch_size": tp.per_device_train_batch_size * tp.gradient_accumulation_steps * world_size,
+        "world_size": world_size,
+    }
+
+
+# ---------------------------------------------------------------- outputs
+
+def save_adapter(model, tokenizer, adapter_dir: Path, mlflow_run_id: str) -> None:
+    """The LoRA weights (safetensors), the tokenizer and the MLflow run evaluate logs into."""
+    with atomic_path(adapter_dir) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "training_run.json").write_text(json.dumps({"mlflow_run_id": mlflow_run_id}) + "\n")
+
+
+def step_rows(log_history: list[dict]) -> list[dict]:
+    """Per-step (train_loss, val_loss, learning_rate) rows from the trainer's log history,
+    which a resumed run restores from its checkpoint."""
+    rows: dict[int, dict] = {}
+    for entry in log_history:
+        row = rows.setdefault(entry.get("step", 0), {"step": entry.get("step", 0)})
+        if "loss" in entry:
+            row["train_loss"], row["learning_rate"] = entry["loss"], entry.get("learning_rate")
+        if "eval_loss" in entry:
+            row["val_loss"] = entry["eval_loss"]
+    return [rows[s] for s in sorted(rows) if len(rows[s]) > 1]
+
+
+def write_step_log(rows: list[dict], csv_path: Path, png_path: Path) -> None:
+    """The per-step losses as CSV (DVC plots) and as a PNG."""
+    fields = ["step", "train_loss", "val_loss", "learning_rate"]
+    with atomic_path(csv_path) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: row.get(k, "") for k in fields})
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key, label in (("train_loss", "train"), ("val_loss", "validation")):
+        pts = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
+        if pts:
+            ax.plot(*zip(*pts), marker="o" if key == "val_loss" else None, label=label)
+    ax.set(xlabel="step", ylabel="loss (completion tokens)", title="titletune: training loss")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    with atomic_path(png_path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
+    plt.close(fig)

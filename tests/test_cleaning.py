@@ -1,4 +1,5 @@
-"""titletune/cleaning.py: the cleaning rules and the filters."""
+"""titletune/cleaning.py: each cleaning rule as input -> expected output, through clean_table (the
+one implementation, the one preprocess runs), and the filters."""
 from __future__ import annotations
 
 import random
@@ -7,72 +8,95 @@ import re
 import pyarrow as pa
 import pytest
 
-from titletune.cleaning import REASONS, clean_content, clean_table, clean_text, drop_reasons
+from titletune.cleaning import REASONS, clean_table, drop_reasons
 from titletune.corpus import SCHEMA
 from titletune.params import load_params
 from titletune.testing import ROOT
 
-DEFAULT_PATTERNS = [re.compile(p, re.IGNORECASE)
-                    for p in load_params("preprocess", path=ROOT / "params.yaml").boilerplate_patterns]
+DEFAULT = load_params("preprocess", path=ROOT / "params.yaml").boilerplate_patterns
+PYTHON_ONLY = [r"(?<=\.)\s*Copyright \d{4} Reed Business Information.*$"]   # lookbehind: RE2 cannot
 
 
-# ---------------------------------------------------------------- the cleaning rules
-
-def test_entities_hex_decimal_and_named_are_unescaped():
-    raw = "Don&#x2019;t &#8217;em &#8211; Tom &amp; Jerry &quot;live&quot; &mdash; a&#160;b"
-    assert clean_text(raw) == "Don\u2019t \u2019em \u2013 Tom & Jerry \"live\" \u2014 a b"
-
-
-def test_double_escaped_entities_are_unescaped():
-    assert clean_text("Tom&amp;#8217;s") == "Tom\u2019s"
-    assert clean_text("AT&amp;amp;T") == "AT&T"
-    assert clean_text("Q&A, R & D, &unknown; stay") == "Q&A, R & D, &unknown; stay"
+def cleaned(values: list[str], patterns: list[str] = DEFAULT, field: str = "content") -> list[str]:
+    """clean_table on one column (the other one plain), back in input order."""
+    other = "title" if field == "content" else "content"
+    table = pa.table({"uid": [f"u{i}" for i in range(len(values))], field: values,
+                      other: ["plain"] * len(values)}, schema=SCHEMA)
+    rows = clean_table(table, [re.compile(p, re.IGNORECASE) for p in patterns]).to_pylist()
+    assert sorted(r["row"] for r in rows) == list(range(len(values)))
+    assert all(r[other] == "plain" for r in rows)
+    return [r[field] for r in sorted(rows, key=lambda r: r["row"])]
 
 
-def test_whitespace_is_normalised():
-    assert clean_text("  a\n\tb  c\xa0d \u3000e\r\n") == "a b c d e"
-    assert clean_text("&#160;&#160;") == ""
+# Titles and contents alike: entities unescaped (twice), whitespace squeezed.
+TEXT_CASES = [
+    ("Don&#x2019;t &#8217;em &#8211; Tom &amp; Jerry &quot;live&quot; &mdash; a&#160;b",
+     "Don\u2019t \u2019em \u2013 Tom & Jerry \"live\" \u2014 a b"),            # hex, decimal, named
+    ("Tom&amp;#8217;s", "Tom\u2019s"),                                         # double-escaped
+    ("AT&amp;amp;T", "AT&T"),
+    ("&amp;amp;amp;", "&amp;"),                                                # twice, not more
+    ("Q&A, R & D, &unknown; stay", "Q&A, R & D, &unknown; stay"),             # not entities
+    ("&amp &lt3 &copy2020", "& <3 \u00a92020"),                                # legacy, no semicolon
+    ("  a\n\tb  c\xa0d \u3000e\r\n", "a b c d e"),                             # every whitespace
+    ("a\u2003b\x1cc\u205fd\x85e", "a b c d e"),                                # ... Python's str.isspace
+    ("a&#10;&#9;b", "a b"),                                                    # escaped whitespace too
+    ("&#160;&#160;", ""),
+    ("a\u200bb", "a\u200bb"),                                                  # zero-width: not space
+    ("plain words", "plain words"),
+    ("", ""),
+]
 
 
-@pytest.mark.parametrize("tail", [
-    "--This text refers to an out of print or unavailable edition of this title.",
-    "--This text refers to the Paperback edition.",
-    " -- this TEXT refers to the Hardcover edition.",
+@pytest.mark.parametrize("raw, expected", TEXT_CASES)
+@pytest.mark.parametrize("field", ["title", "content"])
+def test_entities_and_whitespace(raw, expected, field):
+    assert cleaned([raw], field=field) == [expected]
+
+
+@pytest.mark.parametrize("raw, expected", [
+    ("A gripping novel.--This text refers to an out of print or unavailable edition of this title.",
+     "A gripping novel."),
+    ("A gripping novel.--This text refers to the Paperback edition.", "A gripping novel."),
+    ("A gripping novel. -- this TEXT refers to the Hardcover edition.", "A gripping novel."),  # any case
+    ("A  novel.\n--This text refers to the Paperback edition.  ", "A novel."),   # spaces squeezed after
+    ("Caf&eacute; &amp; more--This text refers to the Kindle edition.", "Caf\u00e9 & more"),
+    ("--This text refers to the Paperback edition.", ""),                         # then dropped: empty
+    ("It refers to the text -- and this text is fine.", "It refers to the text -- and this text is fine."),
 ])
-def test_boilerplate_tails_are_stripped(tail):
-    assert clean_content("A gripping novel." + tail, DEFAULT_PATTERNS) == "A gripping novel."
+def test_boilerplate_is_stripped_from_contents(raw, expected):
+    assert cleaned([raw]) == [expected]
 
 
-def test_text_without_boilerplate_is_kept():
-    text = "It refers to the text -- and this text is fine."
-    assert clean_content(text, DEFAULT_PATTERNS) == text
+def test_boilerplate_stays_in_titles_and_without_patterns():
+    tail = "A novel.--This text refers to the Paperback edition."
+    assert cleaned([tail], field="title") == [tail]
+    assert cleaned([tail], patterns=[]) == [tail]
 
 
-def tricky_values(n: int, seed: int = 0) -> list[str]:
+def test_a_pattern_re2_cannot_run_is_applied_in_python():
+    raw = ["Great book. Copyright 1998 Reed Business Information, Inc.",
+           "Great book Copyright 1998 Reed Business Information, Inc.",       # no full stop before
+           "Fine &amp; dandy.  Copyright 2001 Reed Business Information"]
+    assert cleaned(raw, patterns=PYTHON_ONLY) == [
+        "Great book.", "Great book Copyright 1998 Reed Business Information, Inc.", "Fine & dandy."]
+
+
+def test_patterns_apply_in_turn():
+    assert cleaned(["Text. Note: remove me. Extra"], patterns=[r"Extra$", r"\s*Note:.*$"]) == ["Text."]
+
+
+def test_any_input_comes_out_squeezed():
+    """Whatever the pieces, no value keeps whitespace other than single spaces between words."""
     pieces = ["plain words", "Caf\u00e9 \u2019quoted\u2019", "&#x2019;", "&#8217;", "&amp;", "&quot;",
-              "&mdash;", "&#160;", "&amp;#8211;", "& alone", "  ", "\n", "\t", "\xa0", "\u2003",
-              " ", "thePaperbackedition", "--This text refers to the Paperback edition.",
-              "Copyright 1998 Reed Business Information, Inc.", "x", ""]
-    rnd = random.Random(seed)
-    return ["".join(rnd.choice(pieces) for _ in range(rnd.randrange(0, 8))) for _ in range(n)]
-
-
-@pytest.mark.parametrize("patterns", [
-    load_params("preprocess", path=ROOT / "params.yaml").boilerplate_patterns,   # RE2 picks the values
-    [r"(?<=\.)\s*Copyright \d{4} Reed Business Information.*$"],     # Python-only: all values
-    [],
-])
-def test_block_cleaning_equals_the_rules(patterns):
-    """The fast whole-block path gives exactly what clean_text/clean_content give per value."""
-    compiled = [re.compile(p, re.IGNORECASE) for p in patterns]
-    titles, contents = tricky_values(400, seed=1), tricky_values(400, seed=2)
-    table = pa.table({"uid": [f"u{i}" for i in range(400)], "title": titles, "content": contents},
-                     schema=SCHEMA)
-    out = clean_table(table, compiled).to_pylist()
-    assert sorted(r["row"] for r in out) == list(range(400))
-    for r in out:
-        assert r["title"] == clean_text(titles[r["row"]])
-        assert r["content"] == clean_content(contents[r["row"]], compiled)
+              "&mdash;", "&#160;", "&amp;#8211;", "& alone", "  ", "\n", "\t", "\xa0", "\u2003", " ", "x",
+              "--This text refers to the Paperback edition.", "Copyright 1998 Reed Business Information, Inc."]
+    rnd = random.Random(0)
+    values = ["".join(rnd.choice(pieces) for _ in range(rnd.randrange(0, 8))) for _ in range(400)]
+    for patterns in (DEFAULT, PYTHON_ONLY, []):
+        for value in cleaned(values, patterns):
+            assert value == value.strip() and "  " not in value
+            assert not any(ch.isspace() and ch != " " for ch in value), repr(value)
+            assert "This text refers" not in value or not patterns or patterns == PYTHON_ONLY
 
 
 def test_filters_give_one_reason_each():
@@ -83,6 +107,6 @@ def test_filters_give_one_reason_each():
             ("Same text, twenty chars+", "Same text, twenty chars+"),    # content_equals_title
             ("", "")]                                                    # empty_content first
     table = pa.table({"title": [t for t, _ in rows], "content": [c for _, c in rows]})
-    why = [REASONS[k] if k >= 0 else None for k in drop_reasons(table, 3, 20)]
+    why = [REASONS[k] if k >= 0 else None for k in drop_reasons(table, min_title_chars=3, min_content_chars=20)]
     assert why == [None, "empty_content", "short_content", "short_title", "content_equals_title",
                    "empty_content"]

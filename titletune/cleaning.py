@@ -44,25 +44,6 @@ def unescape(s: str) -> str:
     return s
 
 
-def clean_text(s: str) -> str:
-    """Unescape HTML entities (&#x2019; &#8217; &amp; &#160; ...), then collapse every run of
-    whitespace to one space and trim the ends."""
-    return " ".join(unescape(s).split())
-
-
-def clean_content(s: str, patterns: list[re.Pattern]) -> str:
-    """clean_text, then remove each boilerplate pattern in turn."""
-    s = clean_text(s)
-    for p in patterns:
-        stripped, n = p.subn("", s)
-        if n:
-            s = " ".join(stripped.split())
-    return s
-
-
-# clean_text and clean_content are the rules; what follows applies them to a whole block at
-# the speed of Arrow (RE2, C++), with Python only for the values that need it.
-
 # Python's whitespace (str.isspace), in RE2 syntax.
 _WS = r"\t-\r \x{1c}-\x{1f}\x{85}\x{a0}\x{1680}\x{2000}-\x{200a}\x{2028}\x{2029}\x{202f}\x{205f}\x{3000}"
 _WS_NOT_SPACE = _WS.replace(" ", "")
@@ -73,7 +54,7 @@ _WS_RUN = f"(?: *[{_WS_NOT_SPACE}]|  )[{_WS}]*"
 
 
 def squeeze_spaces(col: pa.Array) -> pa.Array:
-    """" ".join(s.split()) for every value, in RE2."""
+    """Every run of whitespace to one space, the ends trimmed (Python's " ".join(s.split()), in RE2)."""
     return pc.utf8_trim(pc.replace_substring_regex(col, _WS_RUN, " "), " ")
 
 
@@ -91,7 +72,8 @@ def re2_finds_all(pattern: str) -> bool:
 
 
 def strip_boilerplate(col: pa.Array, patterns: list[re.Pattern]) -> pa.Array:
-    """Remove each pattern in turn, running Python only on the values RE2 says match."""
+    """Remove each pattern in turn (then squeeze the spaces it leaves), running Python only on the
+    values RE2 says match."""
     for p in patterns:
         if re2_finds_all(p.pattern):
             hit = pc.match_substring_regex(col, f"(?i:{p.pattern})")
@@ -99,15 +81,15 @@ def strip_boilerplate(col: pa.Array, patterns: list[re.Pattern]) -> pa.Array:
             hit = pa.array([p.search(v) is not None for v in col.to_numpy(zero_copy_only=False)],
                            pa.bool_())
         if pc.any(hit).as_py():
-            fixed = [" ".join(p.sub("", v).split())
-                     for v in col.filter(hit).to_numpy(zero_copy_only=False)]
-            col = pc.replace_with_mask(col, hit, pa.array(fixed, pa.string()))
+            fixed = [p.sub("", v) for v in col.filter(hit).to_numpy(zero_copy_only=False)]
+            col = pc.replace_with_mask(col, hit, squeeze_spaces(pa.array(fixed, pa.string())))
     return col
 
 
 def clean_table(table: pa.Table, patterns: list[re.Pattern]) -> pa.Table:
-    """clean_text on titles, clean_content on contents. Adds column `row` (the input row)
-    because the rows that needed work come back after those that did not."""
+    """The cleaning rules on a block: titles and contents unescaped and squeezed, contents also
+    stripped of the boilerplate patterns. Adds column `row` (the input row) because the rows that
+    needed work come back after those that did not."""
     table = table.append_column("row", pa.array(np.arange(table.num_rows, dtype=np.int64)))
     if all(re2_finds_all(p.pattern) for p in patterns):
         content_re = "|".join([NEEDS_CLEANING] + [f"(?i:{p.pattern})" for p in patterns])

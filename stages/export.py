@@ -5,10 +5,11 @@
 Reads params `model`, `format` (max_length) and `export`; writes models/merged (safetensors +
 tokenizer), which loads with `AutoModelForCausalLM.from_pretrained("models/merged")`, without
 PEFT or Unsloth, for serving or sharing. `export.dtype: auto` keeps the dtype base + adapter
-computes in on this machine (bf16 on GPUs that have it, else fp16; float32 on CPU), so the merged model's greedy answers are those of base + adapter.
-On CPU the tiny random model's next-token scores are nearly tied: rounding its merged weights to
-fp16 changed 3 of 32 greedy 64-token answers, bf16 20. Set export.dtype to float16 or bfloat16
-to force a 16-bit file from a CPU machine.
+computes in (titletune.modeling.compute_dtype: bf16 on GPUs that have it, else fp16; float32 on
+every CPU), so the merged model's greedy answers are those of base + adapter. On CPU the tiny
+random model's next-token scores are nearly tied: rounding its merged weights to fp16 changed 3
+of 32 greedy 64-token answers, bf16 20. Set export.dtype to float16 or bfloat16 to force a
+16-bit file from a CPU machine.
 """
 from __future__ import annotations
 

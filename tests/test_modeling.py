@@ -35,3 +35,30 @@ def test_missing_adapter_and_missing_data_say_run_dvc_repro(tmp_path):
         load_tuned_model(TINY, 128, tmp_path / "adapter")     # before any model loads
     with pytest.raises(UserError, match=r"no formatted dataset; run `dvc repro` \(tokenize-format\) first"):
         load_formatted(tmp_path / "formatted")
+
+
+class FakeFastLanguageModel:
+    """Records what load_model asks Unsloth for."""
+    asked: dict = {}
+
+    @classmethod
+    def from_pretrained(cls, **kwargs):
+        cls.asked = kwargs
+        tokenizer = type("Tok", (), {"pad_token": None, "eos_token": "</s>"})()
+        return object(), tokenizer
+
+
+def test_models_load_in_float32_on_every_cpu(monkeypatch):
+    """Unsloth's dtype=None would be bfloat16 on CPUs with AVX512-BF16/AMX and float32 on others."""
+    import torch
+
+    from titletune import modeling
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setattr(modeling, "unsloth", lambda: FakeFastLanguageModel)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("UNSLOTH_CPU_BF16", "1")            # as if this CPU had bf16
+    _, tokenizer = modeling.load_model(TINY, 128)
+    assert FakeFastLanguageModel.asked["dtype"] is torch.float32 and modeling.compute_dtype() is torch.float32
+    assert tokenizer.pad_token == "</s>"                   # no pad token: EOS pads
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert modeling.compute_dtype() is None                # GPU: Unsloth's auto (bf16, else fp16)

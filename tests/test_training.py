@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from titletune.testing import run
+from titletune.testing import ENV, run
 
 TRAIN_AND_RELOAD = """
 import json, sys, torch
@@ -31,6 +31,7 @@ report = {"same": {k: getattr(config, k) == getattr(tp, k) for k in training.SFT
           "no_epochs_cap": training.sft_config(tp.model_copy(update={"max_steps": 0}), 128, hw, 1, "x").max_steps}
 
 model, tok = load_model(model_params, fmt.max_length)
+report["dtype"] = str(model.dtype)
 model = training.add_lora(model, tp)
 lora = model.peft_config["default"]
 report["lora"] = [lora.r, lora.lora_alpha, lora.lora_dropout, sorted(lora.target_modules)]
@@ -56,8 +57,10 @@ print("REPORT " + json.dumps(report))
 
 @pytest.mark.slow
 def test_sft_config_lora_and_saved_adapter(pipeline_repo, tmp_path):
-    """Runs in the pipeline repo (its params.yaml, data/formatted and tiny model), read-only."""
-    proc = run([sys.executable, "-c", TRAIN_AND_RELOAD, str(tmp_path)], pipeline_repo, timeout=600)
+    """Runs in the pipeline repo (its params.yaml, data/formatted and tiny model), read-only, as on a
+    CPU with bfloat16 (UNSLOTH_CPU_BF16=1), where Unsloth's own choice would be bfloat16."""
+    proc = run([sys.executable, "-c", TRAIN_AND_RELOAD, str(tmp_path)], pipeline_repo, timeout=600,
+               env=dict(ENV, UNSLOTH_CPU_BF16="1"))
     report = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("REPORT "))[7:])
     # The SFTConfig takes every same-named train param as it is; the rest comes from the hardware.
     assert all(report["same"].values()) and len(report["same"]) >= 10, report["same"]
@@ -66,6 +69,7 @@ def test_sft_config_lora_and_saved_adapter(pipeline_repo, tmp_path):
     assert report["optim"] in ("adamw_torch", "adamw_torch_fused") and report["bf16"] is False
     assert report["eval_batch"] == 8 and report["max_steps"] == 3 and report["data_seed"] == 42
     assert report["max_length"] == 128 and report["report_to"] == ["mlflow"]
+    assert report["dtype"] == "torch.float32"      # on every CPU (titletune.modeling.compute_dtype)
     assert report["warmup"] == 3                    # warmup_steps 0.05 of 60 steps, rounded up
     assert report["no_epochs_cap"] == -1            # max_steps 0: num_train_epochs decides
     assert report["lora"] == [16, 32, 0.0, sorted(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",

@@ -58,6 +58,15 @@ def load_tokenizer(model):
                                          trust_remote_code=model.trust_remote_code)
 
 
+def compute_dtype():
+    """The dtype models load and compute in: float32 on every CPU; on a GPU None, Unsloth's auto
+    (bfloat16 where the GPU supports it, else float16). Unsloth's auto on CPU would be bfloat16 on
+    CPUs that have it (AVX512-BF16, AMX) and float32 elsewhere: the same params would train,
+    evaluate and export differently from one CPU type to another."""
+    import torch
+    return None if torch.cuda.is_available() else torch.float32
+
+
 def load_model(model, max_seq_length: int, device_map=None):
     """Base model + tokenizer through Unsloth, as for training; `model` is params' model section.
 
@@ -73,7 +82,7 @@ def load_model(model, max_seq_length: int, device_map=None):
     loaded, tokenizer = fast_language_model.from_pretrained(
         model_name=resolve_model_name(model.name),
         max_seq_length=max_seq_length,
-        dtype=None,  # auto: bf16 where the GPU has it, else fp16 / fp32
+        dtype=compute_dtype(),
         load_in_4bit=model.load_in_4bit,
         trust_remote_code=model.trust_remote_code,
         use_safetensors=True,

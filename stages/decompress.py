@@ -1,7 +1,10 @@
 """Stage `decompress`: the corpus file -> plain JSON lines.
 
+    python stages/decompress.py OUT            # SOURCE = params.yaml data.source (what dvc.yaml runs)
     python stages/decompress.py SOURCE OUT
 
+The source path is read from params.yaml, not from the command line DVC runs, so that no file
+name (`data/x$(touch PWNED).json.gz`) ever reaches a shell.
 SOURCE is `.json.gz`, plain `.json` (JSON lines), or the `.zip` the corpus ships in (member
 `trn.json.gz`, or its only .json/.json.gz member); the kind is read from the first bytes, not
 the name. The file is streamed in large blocks (never held in memory) through ISA-L's gzip,
@@ -27,6 +30,7 @@ from isal import igzip, isal_zlib
 from tqdm import tqdm
 
 from titletune.cli import UserError, atomic_path, run_main
+from titletune.params import load_params
 
 BLOCK = 16 << 20          # bytes per read: big enough that Python overhead vanishes
 MAX_LINE = 64 << 20       # a longer "line" means the file is not JSON lines
@@ -150,9 +154,10 @@ def copy_lines(stream, dst, src: Path, kind: str) -> tuple[int, int]:
 
 
 def main() -> None:
-    if len(sys.argv) != 3:
-        raise UserError("usage: python stages/decompress.py SOURCE OUT")
-    src, out = Path(sys.argv[1]), Path(sys.argv[2])
+    if len(sys.argv) not in (2, 3):
+        raise UserError("usage: python stages/decompress.py [SOURCE] OUT  (SOURCE: params.yaml data.source)")
+    src = Path(sys.argv[1] if len(sys.argv) == 3 else load_params("data").source)
+    out = Path(sys.argv[-1])
     t0 = time.time()
     with ExitStack() as stack:
         stream, kind, bar = open_source(src, stack)

@@ -5,14 +5,16 @@ from __future__ import annotations
 import gzip
 import json
 import re
+import shutil
 import sys
 import zipfile
 from pathlib import Path
 
 import pytest
+import yaml
 
 from stages import decompress as D
-from titletune.testing import ROOT, run
+from titletune.testing import ROOT, run, set_params
 
 LINES = ('{"uid": "B1", "title": "Caf\u00e9 \u2019s", "content": "\u4e2d\u6587 \U0001f600 text"}\n'
          '{"uid": "B2", "title": "Two", "content": ""}\n').encode("utf-8") * 50
@@ -162,3 +164,21 @@ def test_a_line_too_long_is_not_json_lines(tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["decompress.py", str(src), str(tmp_path / "o.jsonl")])
     with pytest.raises(D.UserError, match="line 1 is longer than 0 MB: not JSON lines"):
         D.main()
+
+
+# ---------------------------------------------------------------- no file name reaches a shell (#13)
+
+def test_a_source_named_like_a_command_is_only_a_name(repo):
+    """dvc.yaml runs decompress without data.source in its command: the stage reads it from
+    params.yaml, so a file named `x$(touch PWNED).json.gz` is read, not run."""
+    name = "data/x$(touch PWNED).json.gz"
+    shutil.copy(repo / "data/sample/trn.json.gz", repo / name)
+    set_params(repo, {"data": {"source": name}})
+    proc = run(["dvc", "repro", "decompress"], repo)
+    assert "> python -m stages.decompress data/interim/trn.jsonl\n" in proc.stdout
+    assert f"decompress: {name} (gzip) -> data/interim/trn.jsonl: 4,000 lines" in proc.stdout
+    assert not list(repo.rglob("PWNED")) and not (ROOT / "PWNED").exists()
+    assert (repo / "data/interim/trn.jsonl").read_bytes() == gzip.decompress((repo / name).read_bytes())
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]["decompress"]
+    assert name in [d["path"] for d in lock["deps"]]
+    assert lock["params"]["params.yaml"] == {"data.source": name}

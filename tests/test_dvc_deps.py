@@ -55,6 +55,13 @@ def test_deps_are_exactly_the_code_the_stage_imports(name):
     assert stage_code_deps(stage) == code_closure(script)
 
 
+@pytest.mark.parametrize("name", sorted(STAGES))
+def test_no_param_reaches_a_shell_command(name):
+    """DVC runs `cmd` through a shell: a ${param} there would paste user text (a file name) into
+    it. Stages read their params from params.yaml themselves."""
+    assert "${" not in STAGES[name]["cmd"]
+
+
 def test_package_inits_hold_no_code():
     """titletune/__init__.py and stages/__init__.py run with every import but are no dep of any
     stage: they may hold a docstring only."""

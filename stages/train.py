@@ -8,10 +8,10 @@ an MLflow run, and checkpoints in models/checkpoints (a killed run resumes from 
 The same code runs on CPU (the embedded tiny model), one GPU and N GPUs: with `train.gpus` > 1
 it relaunches itself under torchrun (DDP); only rank 0 writes files and MLflow records.
 """
-from titletune.training import (CHECKPOINT_DIR, LOSS_SUBSET, Throughput, add_lora,  # first: imports Unsloth
-                                check_names, clear_checkpoints, hardware_settings, losses, losses_before,
-                                resume_decision, run_fingerprint, run_metrics, save_adapter, sft_config,
-                                step_rows, timed_train, train_val_sets, write_step_log)
+from titletune.training import (CHECKPOINT_DIR, Throughput, add_lora, check_names,  # first: imports Unsloth
+                                clear_checkpoints, eval_sets, fit_packed_rows, hardware_settings, losses,
+                                losses_before, rank_step_times, resume_decision, run_fingerprint, run_metrics,
+                                save_adapter, sft_config, step_rows, timed_train, train_val_sets, write_step_log)
 
 import os
 import subprocess
@@ -21,10 +21,12 @@ from pathlib import Path
 import torch
 from trl import SFTTrainer
 
+from titletune.attention import install_varlen_compat
 from titletune.cli import run_main, write_json
 from titletune.launch import is_rank0, launch_command, local_rank, resolve_gpus, world_size
 from titletune.modeling import load_formatted, load_model
 from titletune.params import load_params
+from titletune.profiling import profile_callbacks
 from titletune.tracking import finish_training_run, start_training_run
 
 
@@ -52,28 +54,32 @@ def main() -> None:
     device_map = {"": local_rank()} if world_size() > 1 and torch.cuda.is_available() else None
     model, tokenizer = load_model(model_params, fmt.max_length, device_map=device_map)
     model = add_lora(model, tp)
+    fit_packed_rows(model, tp)
     config = sft_config(tp, fmt.max_length, hw, world_size(), CHECKPOINT_DIR)  # sets up torchrun's group
     fingerprint = run_fingerprint({"model": model_params, "format": fmt, "train": tp}, data["train"])
     resume = resume_decision(fingerprint, world_size())
     throughput = Throughput()
-    trainer = SFTTrainer(model=model, args=config, train_dataset=train_set, eval_dataset=val_set,
-                         processing_class=tokenizer, callbacks=[throughput])
+    trainer = SFTTrainer(model=model, args=config, train_dataset=train_set, eval_dataset=eval_sets(train_set, val_set),
+                         processing_class=tokenizer, callbacks=[throughput, *profile_callbacks(throughput)])
+    attention = install_varlen_compat(padding_free=bool(trainer.args.padding_free or trainer.args.packing))
 
     run = start_training_run(model_params, fmt, tp) if is_rank0() else None
-    subset = trainer.train_dataset.select(range(min(LOSS_SUBSET, len(trainer.train_dataset))))
-    before = losses_before(trainer, subset, resume, fingerprint)
+    before = losses_before(trainer, resume, fingerprint)
     runtime = timed_train(trainer, resume)
-    after = losses(trainer, subset)
+    after = losses(trainer)
+    rank_steps = rank_step_times(throughput)
     if not is_rank0():
         return
-    metrics = run_metrics(trainer, before, after, runtime, throughput, tp, world_size())
+    metrics = run_metrics(trainer, before, after, runtime, throughput, tp, fmt.max_length, world_size(),
+                          attention, rank_steps)
     save_adapter(model, tokenizer, adapter_dir, run.info.run_id)
     write_json(metrics_dir / "train.json", metrics)
     plots = [metrics_dir / "train_log.csv", metrics_dir / "loss_curve.png"]
     write_step_log(step_rows(trainer.state.log_history), *plots)
     finish_training_run(metrics, adapter_dir, plots, hw["device"])
     clear_checkpoints()
-    print(f"train: {metrics['steps']} steps in {runtime:.0f} s, {metrics['tokens_per_s']:,.0f} tokens/s, "
+    print(f"train: {metrics['steps']} steps in {runtime:.0f} s, {metrics['tokens_per_s']:,.0f} tokens/s "
+          f"({attention}), "
           f"val loss {before['val_loss']:.3f} -> {after['val_loss']:.3f}; adapter in {adapter_dir}")
 
 

@@ -24,6 +24,9 @@ def test_training_lowers_val_loss_and_writes_metrics_and_step_log(pipeline_repo)
     assert metrics["train_loss_after"] < metrics["train_loss_before"]
     assert metrics["tokens_per_s"] > 0 and metrics["tokens_per_s_overall"] > 0 and metrics["peak_memory_gb"] > 0
     assert metrics["effective_batch_size"] == fast["per_device_train_batch_size"]
+    assert metrics["attention"] == "sdpa (cpu)" and metrics["tokens_per_step"] == 0
+    assert 0 < metrics["real_tokens_per_step"] <= metrics["tokens_per_optimizer_step"]
+    assert metrics["rank_step_s"][0] > 0 and metrics["rank_step_spread"] == 1.0
     with open(pipeline_repo / "metrics" / "train_log.csv") as f:
         rows = list(csv.DictReader(f))
     assert list(rows[0]) == ["step", "train_loss", "val_loss", "learning_rate"]

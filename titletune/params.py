@@ -128,6 +128,8 @@ class Train(Section):
     lora_dropout: Fraction
     target_modules: Annotated[list[Text], Field(min_length=1), Allowed("a list of module names")]
     gradient_checkpointing: Annotated[Union[bool, Literal["unsloth"]], Allowed("false, true or unsloth")]
+    # 0: per_device_train_batch_size examples a step; N: packed rows of at most N tokens (titletune.batching).
+    tokens_per_step: Count
     # SFTConfig's own names from here on (see training.sft_config).
     per_device_train_batch_size: Size
     gradient_accumulation_steps: Size

@@ -83,9 +83,10 @@ def log_evaluation(adapter_dir: Path, report: dict, files: list[Path], settings:
 def finish_training_run(metrics: dict, adapter_dir: Path, plots: list[Path], hardware: str) -> None:
     """The final metrics, the adapter and the plots of the active training run; then end it."""
     import mlflow
-    mlflow.log_metrics({f"final_{k}": float(v) for k, v in metrics.items()})
+    mlflow.log_metrics({f"final_{k}": float(v) for k, v in metrics.items()
+                        if isinstance(v, (int, float)) and not isinstance(v, bool)})
     mlflow.log_artifacts(str(adapter_dir), "adapter")
     for plot in plots:
         mlflow.log_artifact(str(plot), "plots")
-    mlflow.set_tag("hardware", hardware)
+    mlflow.set_tags({"hardware": hardware, "attention": metrics["attention"]})
     mlflow.end_run()

@@ -14,26 +14,26 @@ import csv
 import difflib
 import hashlib
 import json
-import resource
 import shutil
 import time
 from pathlib import Path
 
 import torch
-from transformers import TrainerCallback
 from trl import SFTConfig
 
+from titletune.batching import batching_args, tokens_per_optimizer_step
 from titletune.cli import UserError, atomic_path, write_json
 from titletune.launch import is_rank0
+from titletune.profiling import Throughput, peak_memory_gb
 
 CHECKPOINT_DIR = Path("models/checkpoints")
 FINGERPRINT = CHECKPOINT_DIR / "fingerprint.json"
 LOSS_BEFORE = CHECKPOINT_DIR / "loss_before.json"
 LOSS_SUBSET = 256  # examples used to measure train loss before/after (the full train set is too slow)
 # train params that are SFTConfig arguments of the same name and meaning
-SFT_KEYS = ("per_device_train_batch_size", "gradient_accumulation_steps", "learning_rate",
-            "lr_scheduler_type", "warmup_steps", "weight_decay", "num_train_epochs", "seed", "packing",
-            "padding_free", "eval_steps", "logging_steps", "save_steps", "save_total_limit")
+# (batch size, packing and padding-free are decided by titletune.batching)
+SFT_KEYS = ("gradient_accumulation_steps", "learning_rate", "lr_scheduler_type", "warmup_steps", "weight_decay",
+            "num_train_epochs", "seed", "eval_steps", "logging_steps", "save_steps", "save_total_limit")
 
 
 def check_names(tp) -> None:
@@ -67,17 +67,27 @@ def sft_config(tp, max_length: int, hw: dict, world_size: int, output_dir: Path)
     return SFTConfig(
         output_dir=str(output_dir),
         **{key: getattr(tp, key) for key in SFT_KEYS},
-        per_device_eval_batch_size=tp.per_device_train_batch_size,
+        **batching_args(tp, max_length, on_gpu=not hw["use_cpu"]),
         max_steps=tp.max_steps if tp.max_steps > 0 else -1,  # 0: num_train_epochs decides
         data_seed=tp.seed,
         optim=hw["optim"], bf16=hw["bf16"], fp16=hw["fp16"], use_cpu=hw["use_cpu"],
-        max_length=max_length,
+        # TRL defaults to HF checkpointing; ours is train.gradient_checkpointing (Unsloth applies it on a GPU).
+        gradient_checkpointing=bool(tp.gradient_checkpointing),
         completion_only_loss=True,
         eval_strategy="steps", save_strategy="steps",
         include_num_input_tokens_seen="non_padding",
         ddp_find_unused_parameters=False if world_size > 1 else None,
         report_to=["mlflow"] if is_rank0() else [],
     )
+
+
+def fit_packed_rows(model, tp) -> None:
+    """Let a packed row hold the whole token budget. Unsloth caps packed rows at the max_seq_length
+    the model was loaded with (format.max_length: the longest document, which RoPE is sized for;
+    loading with more would rescale RoPE); each document in a row keeps its own positions, so the
+    row itself may be longer."""
+    if tp.tokens_per_step and torch.cuda.is_available():
+        model.max_seq_length = max(model.max_seq_length, tp.tokens_per_step)
 
 
 def train_val_sets(data, data_dir: Path):
@@ -144,53 +154,43 @@ def timed_train(trainer, resume: bool) -> float:
     return time.perf_counter() - started
 
 
-def losses(trainer, train_subset) -> dict:
-    """Validation loss and the loss on a fixed subset of the training examples."""
-    return {"val_loss": trainer.evaluate()["eval_loss"],
-            "train_loss": trainer.evaluate(train_subset, metric_key_prefix="train")["train_loss"]}
+def eval_sets(train_set, val_set) -> dict:
+    """What the trainer evaluates, every eval_steps and before/after training: the validation split
+    and a fixed subset of the training examples. Handed to SFTTrainer at construction, so TRL
+    prepares (packs) both exactly like the training data."""
+    return {"val": val_set, "train_subset": train_set.select(range(min(LOSS_SUBSET, len(train_set))))}
 
 
-def losses_before(trainer, train_subset, resume: bool, fingerprint: str) -> dict:
+def losses(trainer) -> dict:
+    """Validation loss and the loss on the fixed subset of training examples."""
+    metrics = trainer.evaluate()
+    return {"val_loss": metrics["eval_val_loss"], "train_loss": metrics["eval_train_subset_loss"]}
+
+
+def losses_before(trainer, resume: bool, fingerprint: str) -> dict:
     """The losses before training: measured now, or those of the run being resumed."""
     if resume and LOSS_BEFORE.is_file():
         print(f"train: resuming from the last checkpoint in {CHECKPOINT_DIR}", flush=True)
         return json.loads(LOSS_BEFORE.read_text())
-    before = losses(trainer, train_subset)
+    before = losses(trainer)
     if is_rank0():
         write_json(LOSS_BEFORE, before)
         write_json(FINGERPRINT, {"run": fingerprint})
     return before
 
 
-class Throughput(TrainerCallback):
-    """Steady-state tokens/s: measured from the end of the first steps (compilation, warm caches)."""
-
-    warmup_steps = 3
-
-    def __init__(self):
-        self.marks = []
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        mark = (time.perf_counter(), state.num_input_tokens_seen)
-        self.marks = self.marks[:1] + [mark] if state.global_step > self.warmup_steps else [mark]
-
-    def tokens_per_s(self) -> float:
-        if len(self.marks) < 2:
-            return 0.0
-        (t0, n0), (t1, n1) = self.marks
-        return (n1 - n0) / (t1 - t0)
-
-
-def peak_memory_gb() -> float:
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 1e9
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # kB on Linux
+def rank_step_times(throughput: Throughput) -> list[float]:
+    """Every rank's mean step time (collective: all ranks call it); [own] without torchrun."""
+    mine = throughput.mean_step_s()
+    if not torch.distributed.is_available() or not torch.distributed.is_initialized():
+        return [mine]
+    gathered = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, mine)
+    return gathered
 
 
 def run_metrics(trainer, before: dict, after: dict, runtime: float, throughput: Throughput, tp,
-                world_size: int) -> dict:
+                max_length: int, world_size: int, attention: str, rank_steps: list[float]) -> dict:
     """metrics/train.json."""
     return {
         "val_loss_before": before["val_loss"], "val_loss_after": after["val_loss"],
@@ -201,9 +201,17 @@ def run_metrics(trainer, before: dict, after: dict, runtime: float, throughput: 
         # over the whole run (warm-up, compilation and in-training evaluation included).
         "tokens_per_s": throughput.tokens_per_s(),
         "tokens_per_s_overall": trainer.state.num_input_tokens_seen / runtime,
+        "real_tokens_per_step": throughput.tokens / throughput.steps if throughput.steps else 0.0,
         "peak_memory_gb": peak_memory_gb(),
-        "effective_batch_size": tp.per_device_train_batch_size * tp.gradient_accumulation_steps * world_size,
+        "attention": attention,  # the kernel padding-free rows ran on (titletune.attention)
+        "tokens_per_step": tp.tokens_per_step,  # 0: examples per step, below
+        # Rows (token budget) or examples per optimizer step, all ranks.
+        "effective_batch_size": trainer.args.per_device_train_batch_size * tp.gradient_accumulation_steps * world_size,
+        "tokens_per_optimizer_step": tokens_per_optimizer_step(tp, max_length, world_size),  # at most
         "world_size": world_size,
+        # Each rank's mean step time (s, after warm-up) and their max / min: 1.0 = balanced ranks.
+        "rank_step_s": rank_steps,
+        "rank_step_spread": max(rank_steps) / min(rank_steps) if rank_steps and min(rank_steps) > 0 else None,
     }
 
 
@@ -225,8 +233,8 @@ def step_rows(log_history: list[dict]) -> list[dict]:
         row = rows.setdefault(entry.get("step", 0), {"step": entry.get("step", 0)})
         if "loss" in entry:
             row["train_loss"], row["learning_rate"] = entry["loss"], entry.get("learning_rate")
-        if "eval_loss" in entry:
-            row["val_loss"] = entry["eval_loss"]
+        if "eval_val_loss" in entry:
+            row["val_loss"] = entry["eval_val_loss"]
     return [rows[s] for s in sorted(rows) if len(rows[s]) > 1]
 
 

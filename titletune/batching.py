@@ -1,0 +1,49 @@
+"""How formatted examples become training and evaluation batches (SFTConfig keyword arguments).
+
+Two modes:
+- a token budget (`train.tokens_per_step` > 0): TRL packs whole examples best-fit-decreasing into
+  rows of at most that many tokens, one row per device per micro-step. Unsloth runs each row
+  padding-free (documents never attend across each other), so every step holds about the same
+  number of real tokens whatever the document lengths: the GPU is filled, memory is predictable,
+  and data-parallel ranks get steps of equal work. Evaluation packs the same way, so it never
+  needs more memory than a training step.
+  On CPU, where Unsloth cannot keep packed documents apart, the budget buys budget // max_length
+  padded examples a step instead.
+- an example count (`tokens_per_step: 0`, the default): `per_device_train_batch_size` examples per
+  micro-step, padded to the longest on CPU. On a GPU `padding_free: false` leaves the choice to
+  Unsloth, which makes them padding-free for most models; `true` asks for it.
+"""
+from __future__ import annotations
+
+from titletune.cli import UserError
+from titletune.params import Train
+
+
+def batching_args(tp: Train, max_length: int, on_gpu: bool) -> dict:
+    """SFTConfig arguments for batching, from the train params and format.max_length."""
+    budget = tp.tokens_per_step
+    # Evaluation only needs the loss: never keep full-vocabulary logits of every batch.
+    common = {"prediction_loss_only": True}
+    if budget and budget < max_length:
+        raise UserError(f"params.yaml: train.tokens_per_step: {budget} is not allowed (must be 0 or at least "
+                        f"format.max_length, {max_length}: a step must hold the longest example)")
+    if budget and not on_gpu:
+        # Unsloth's CPU path has no FlashAttention to keep packed documents apart and turns packing
+        # off: there the budget buys padded examples of format.max_length tokens.
+        batch = budget // max_length
+        return {**common, "packing": False, "padding_free": False, "max_length": max_length,
+                "per_device_train_batch_size": batch, "per_device_eval_batch_size": batch}
+    if budget:
+        return {**common, "packing": True, "packing_strategy": "bfd", "padding_free": True, "eval_packing": True,
+                "max_length": budget, "per_device_train_batch_size": 1, "per_device_eval_batch_size": 1}
+    batch = tp.per_device_train_batch_size
+    # padding_free=None lets Unsloth choose padding-free batches on a GPU; on CPU they stay padded.
+    padding_free = tp.padding_free or (None if on_gpu and not tp.packing else False)
+    return {**common, "packing": tp.packing, "padding_free": padding_free, "max_length": max_length,
+            "per_device_train_batch_size": batch, "per_device_eval_batch_size": batch}
+
+
+def tokens_per_optimizer_step(tp: Train, max_length: int, world_size: int) -> int:
+    """Upper bound of the tokens one optimizer step sees (all ranks, all accumulation steps)."""
+    per_micro = tp.tokens_per_step or tp.per_device_train_batch_size * max_length
+    return per_micro * tp.gradient_accumulation_steps * world_size

@@ -19,7 +19,7 @@ from titletune.cli import run_main
 from titletune.generation import generation_kwargs
 from titletune.modeling import load_model, load_tuned_model, unsloth
 from titletune.params import load_params
-from titletune.prompt import build_prompt, encode_prompts
+from titletune.prompt import encode_prompts
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -60,11 +60,12 @@ def main() -> None:
     model.eval()
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
 
+    import torch
     for question in questions(args.question):
-        prompt = build_prompt(tokenizer, question, fmt.style)
-        inputs = encode_prompts(tokenizer, prompt, fmt.style, return_tensors="pt").to(model.device)
-        model.generate(**inputs, streamer=streamer, pad_token_id=tokenizer.pad_token_id, use_cache=True,
-                       **generation_kwargs(ep))
+        # the question is text, as the titles were in training: a `</s>` in it stays characters
+        ids = torch.tensor([encode_prompts(tokenizer, [question], fmt.style)[0]], device=model.device)
+        model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), streamer=streamer,
+                       pad_token_id=tokenizer.pad_token_id, use_cache=True, **generation_kwargs(ep))
         sys.stdout.flush()
 
 

@@ -109,8 +109,9 @@ def check_utf8(piece: bytes | memoryview, first_line: int, src: Path) -> None:
                             f"{piece[err.start:err.start + 1]!r}: {err.reason})") from None
 
 
-def copy_lines(stream, dst, src: Path, kind: str) -> tuple[int, int]:
+def copy_lines(stream, dst, src: Path, kind: str, bar: tqdm) -> tuple[int, int]:
     """Copy stream to dst in blocks, checking that it is UTF-8 lines; (lines, bytes) written.
+    bar counts the bytes of src read so far (a damaged file is reported with them).
 
     Two cores' worth: this thread inflates (ISA-L, without the GIL) and checks the text while a
     writer thread copies the previous block to disk.
@@ -123,8 +124,10 @@ def copy_lines(stream, dst, src: Path, kind: str) -> tuple[int, int]:
             try:
                 block = stream.read(BLOCK)
             except ARCHIVE_ERRORS as err:
-                raise UserError(f"{src}: truncated or corrupt {kind} file after {size:,} "
-                                f"bytes ({lines:,} lines): {err}") from None
+                # What was read of the file; the lines are those of the blocks before the failing one.
+                good = f" and {lines:,} good lines" if lines else ""
+                raise UserError(f"{src}: truncated or corrupt {kind} file: {err} (after reading {bar.n:,} "
+                                f"of its {bar.total:,} bytes{good})") from None
             if not block:
                 break
             # Check whole lines, so that no character is split: the tail of the previous
@@ -162,7 +165,7 @@ def main() -> None:
     with ExitStack() as stack:
         stream, kind, bar = open_source(src, stack)
         with atomic_path(out) as tmp, open(tmp, "wb") as dst:
-            lines, size = copy_lines(stream, dst, src, kind)
+            lines, size = copy_lines(stream, dst, src, kind, bar)
             if size == 0:
                 raise UserError(f"{src}: empty, no records to read")
         bar.close()

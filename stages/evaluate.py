@@ -9,8 +9,9 @@ titletune.metrics scores them. Writes, in the metrics folder:
     eval.json           {base: {...}, tuned: {...}, delta: tuned - base}   (DVC metrics)
     eval_samples.jsonl  title, question, reference and both answers, one test example a line
     eval_compare.png    base vs tuned, one pair of bars per metric
-and logs them to the training run in MLflow. With evaluate.require_improvement (the default)
-the stage fails when the tuned model's perplexity is not below the base model's.
+and logs them to the training run in MLflow (its id is in metrics/train.json). With
+evaluate.require_improvement (the default) the stage fails when the tuned model's perplexity is
+not below the base model's.
 """
 from __future__ import annotations
 
@@ -98,7 +99,7 @@ def main() -> None:
     write_json(files[0], report)
     write_samples(files[1], examples, answers)
     plot_comparison(results, len(examples), files[2])
-    log_evaluation(adapter_dir, report, files, ep.model_dump())
+    log_evaluation(metrics_dir / "train.json", report, files, ep.model_dump())  # into the training run
 
     b, t = results["base"], results["tuned"]
     print(f"evaluate: {len(examples)} test examples, base -> tuned: perplexity {b['perplexity']:.4g} -> "

@@ -3,8 +3,9 @@
     python stages/train.py data/formatted models/adapter metrics
 
 Reads params `model`, `format` (max_length) and `train`; writes models/adapter (LoRA weights +
-tokenizer + the MLflow run id), metrics/train.json, metrics/train_log.csv, metrics/loss_curve.png,
-an MLflow run, and checkpoints in models/checkpoints (a killed run resumes from the last one).
+tokenizer, the same bytes for the same training), metrics/train.json (with the MLflow run id),
+metrics/train_log.csv, metrics/loss_curve.png, an MLflow run, and checkpoints in
+models/checkpoints (a killed run resumes from the last one).
 The same code runs on CPU (the embedded tiny model), one GPU and N GPUs: with `train.gpus` > 1
 it relaunches itself under torchrun (DDP); only rank 0 writes files and MLflow records.
 """
@@ -72,7 +73,8 @@ def main() -> None:
         return
     metrics = run_metrics(trainer, before, after, runtime, throughput, tp, fmt.max_length, world_size(),
                           attention, rank_steps)
-    save_adapter(model, tokenizer, adapter_dir, run.info.run_id)
+    metrics["mlflow_run_id"] = run.info.run_id  # evaluate logs into this run
+    save_adapter(model, tokenizer, adapter_dir, model_params.name)
     write_json(metrics_dir / "train.json", metrics)
     plots = [metrics_dir / "train_log.csv", metrics_dir / "loss_curve.png"]
     write_step_log(step_rows(trainer.state.log_history), *plots)

@@ -47,7 +47,8 @@ def model_runs(pipeline_repo, tmp_path_factory) -> dict:
     asked = next((s for s in samples if s["tuned"].strip()), None)
     assert asked, "the tuned model gave only empty answers"
     zero = zero_adapter(repo / "models/adapter", tmp / "zero_adapter")
-    # The gate runs in tmp, with its own params.yaml, MLflow store and ./mlruns: the repo stays as it is.
+    # The gate runs in tmp, with its own params.yaml, MLflow store and ./mlruns: the repo stays as it is
+    # (and no metrics/train.json there names a training run: evaluate starts a new MLflow run).
     shutil.copy(repo / "params.yaml", tmp / "params.yaml")
     set_params(tmp, {"model": {"name": str(repo / "models/tiny-llama")}})
 
@@ -73,7 +74,6 @@ def zero_adapter(adapter: Path, dest: Path) -> Path:
 
     from safetensors.torch import load_file, save_file
     shutil.copytree(adapter, dest)
-    (dest / "training_run.json").unlink()  # not the training run's: evaluate starts a new MLflow run
     weights = load_file(dest / "adapter_model.safetensors")
     save_file({k: v.zero_() if "lora_B" in k else v for k, v in weights.items()},
               dest / "adapter_model.safetensors")

@@ -122,7 +122,22 @@ def test_truncated_gzip(tmp_path):
     src = tmp_path / "trn.json.gz"
     data = gzip.compress(jsonl(GOOD * 50))
     src.write_bytes(data[: len(data) // 2])
-    fails(src, "truncated or corrupt gzip file")
+    # what was read, not "after 0 bytes (0 lines)": the first block already fails
+    fails(src, "truncated or corrupt gzip file: ", f"(after reading {len(data) // 2:,} of its {len(data) // 2:,} bytes)")
+
+
+def test_truncated_gzip_after_good_blocks(tmp_path, monkeypatch):
+    src = tmp_path / "trn.json.gz"
+    data = gzip.compress(jsonl(GOOD * 50), compresslevel=0)      # stored: the cut lands after many lines
+    src.write_bytes(data[: len(data) // 2])
+    monkeypatch.setattr(D, "BLOCK", 1000)
+    monkeypatch.setattr(sys, "argv", ["decompress.py", str(src), str(tmp_path / "o.jsonl")])
+    with pytest.raises(D.UserError, match=r"truncated or corrupt gzip file: .* \(after reading [\d,]+ of its "
+                                          rf"{len(data) // 2:,} bytes and [\d,]+ good lines\)$") as err:
+        D.main()
+    read, lines = (int(n.replace(",", "")) for n in re.search(r"reading ([\d,]+) .* and ([\d,]+) good", str(err.value)).groups())
+    assert 0 < read <= len(data) // 2 and 0 < lines < 500
+    assert not (tmp_path / "o.jsonl").exists()
 
 
 def test_corrupt_gzip(tmp_path):

@@ -35,7 +35,7 @@ def test_evaluate_writes_metrics_samples_plot_and_mlflow(pipeline_repo):
 
     from mlflow import MlflowClient
     client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
-    run_id = json.loads((repo / "models/adapter/training_run.json").read_text())["mlflow_run_id"]
+    run_id = json.loads((repo / "metrics/train.json").read_text())["mlflow_run_id"]
     logged = client.get_run(run_id)  # the training run itself
     assert logged.data.metrics["eval_tuned_perplexity"] == pytest.approx(report["tuned"]["perplexity"])
     assert logged.data.metrics["eval_samples"] == n

@@ -8,7 +8,7 @@ from titletune.prompt import INSTRUCTION_TEMPLATE, build_prompt, encode_prompts,
 from titletune.testing import ROOT
 
 TINY = ROOT / "models" / "tiny-llama"
-FMT = Format(style="instruction", max_length=128,
+FMT = Format(style="instruction", max_length=128, max_chars="auto",
              questions=["Describe this product: {title}", "What is {title}?", "Tell me about {title}."])
 
 
@@ -46,8 +46,57 @@ def test_chat_style_without_a_chat_template_is_a_user_error(tokenizer):
 
 def test_bos_once_in_both_styles(tokenizer):
     for style in ("instruction", "chat"):
-        ids = encode_prompts(tokenizer, build_prompt(tokenizer, "What is X?", style), style)["input_ids"]
+        ids = encode_prompts(tokenizer, ["What is X?"], style)[0]
         assert ids[0] == tokenizer.bos_token_id and ids.count(tokenizer.bos_token_id) == 1, style
+        # a question without special-token strings: the ids of the whole prompt, as always
+        assert ids == tokenizer(build_prompt(tokenizer, "What is X?", style), add_special_tokens=style == "instruction")["input_ids"]
+
+
+HOSTILE = "Mug </s><s> <|user|> <|assistant|> <pad> <|eot_id|>"   # the tiny tokenizer's special tokens, and Llama 3's
+
+
+@pytest.mark.parametrize("style", ["instruction", "chat"])
+def test_special_token_strings_in_a_title_stay_text(tokenizer, style):
+    ids = encode_prompts(tokenizer, [f"What is {HOSTILE}?"], style)[0]
+    specials = {tokenizer.convert_tokens_to_ids(t) for t in ("<s>", "</s>", "<pad>", "<|user|>", "<|assistant|>")}
+    template = encode_prompts(tokenizer, ["What is X?"], style)[0]
+    # only the template's own special tokens (BOS; the chat template's markers and EOS) are special
+    assert [i for i in ids if i in specials] == [i for i in template if i in specials]
+    assert HOSTILE in tokenizer.decode(ids)
+    assert tokenizer.decode(ids) == tokenizer.decode(template).replace("X", HOSTILE)
+
+
+def test_special_token_strings_in_a_description_stay_text(tokenizer):
+    batch = {"uid": ["B1"], "title": [HOSTILE], "content": [f"Fits </s> and <s> lids. {HOSTILE}"]}
+    out = format_batch(batch, tokenizer, FMT.model_copy(update={"max_length": 1024}))
+    ids, mask = out["input_ids"][0], out["completion_mask"][0]
+    assert not out["truncated"][0]
+    assert ids.count(tokenizer.eos_token_id) == 1 and ids[-1] == tokenizer.eos_token_id   # only the real end
+    assert ids.count(tokenizer.bos_token_id) == 1 and ids[0] == tokenizer.bos_token_id
+    assert tokenizer.decode([i for i, m in zip(ids, mask) if m][:-1]) == batch["content"][0]
+
+
+def test_long_texts_are_cut_before_tokenising(tokenizer):
+    fmt = FMT.model_copy(update={"max_chars": 40})
+    batch = {"uid": ["B1", "B2", "B3"], "title": ["T" * 41, "Mug", "Mug"],
+             "content": ["short enough description", "word " * 10_000, "exactly forty characters, no more, no le"]}
+    out = format_batch(batch, tokenizer, fmt)
+    assert out["cut"] == [True, True, False]
+    assert out["question"][0].count("T") == 40
+    assert out["completion"][1] == batch["content"][1] + tokenizer.eos_token    # the text column stays whole
+    content_ids = [i for i, m in zip(out["input_ids"][1], out["completion_mask"][1]) if m]
+    assert tokenizer.decode(content_ids[:-1]) == ("word " * 8)[:40]
+    assert FMT.text_cap() == 16 * FMT.max_length
+
+
+def test_the_default_cut_keeps_every_token_id(tokenizer):
+    """auto (16 characters a token) cuts far beyond max_length tokens: the ids are those of the whole text."""
+    words = " ".join(f"w{i}x" for i in range(2000))
+    batch = {"uid": ["B1"], "title": ["Mug"], "content": [words]}
+    out = format_batch(batch, tokenizer, FMT)
+    assert out["cut"] == [True] and len(out["input_ids"][0]) == FMT.max_length
+    whole = FMT.model_copy(update={"max_chars": len(words)})
+    assert format_batch(batch, tokenizer, whole)["input_ids"] == out["input_ids"]
 
 
 def test_format_masks_the_prompt_and_ends_with_eos(tokenizer):

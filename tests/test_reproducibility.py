@@ -3,11 +3,14 @@
 - Data: the data stages (decompress, preprocess, tokenize-format) run in a fresh repo copy, at
   another path, give byte-identical outputs to those of the session's `pipeline_repo` (another
   fresh copy): same md5 for every output in dvc.lock.
-- Training: a second CPU training run with the same seed (forced, in a copy of `pipeline_repo`)
-  gives the same loss curve (metrics/train_log.csv), the same losses and the same adapter weights.
+- Training: a second CPU training run with the same seed (forced, in a copy of `pipeline_repo` at
+  another path) gives the same loss curve (metrics/train_log.csv), the same losses and the same
+  adapter, byte for byte: the same md5 in dvc.lock, so evaluate and export do not re-run.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import shutil
 from pathlib import Path
 
@@ -56,5 +59,12 @@ def test_training_with_the_same_seed_gives_identical_loss_curves(pipeline_repo, 
     losses = ("train_loss_before", "train_loss_after", "val_loss_before", "val_loss_after")
     metrics = [yaml.safe_load((r / "metrics/train.json").read_text()) for r in (pipeline_repo, repo)]
     assert {k: metrics[0][k] for k in losses} == {k: metrics[1][k] for k in losses}
-    weights = "models/adapter/adapter_model.safetensors"
-    assert (repo / weights).read_bytes() == (pipeline_repo / weights).read_bytes()
+    adapter = {r: {p.relative_to(r).as_posix(): hashlib.md5(p.read_bytes()).hexdigest()
+                   for p in sorted((r / "models/adapter").rglob("*")) if p.is_file()} for r in (pipeline_repo, repo)}
+    assert "models/adapter/adapter_model.safetensors" in adapter[repo]
+    assert adapter[repo] == adapter[pipeline_repo]
+    config = json.loads((repo / "models/adapter/adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "models/tiny-llama"      # model.name, as in params.yaml
+    assert config["target_modules"] == sorted(config["target_modules"])
+    assert lock_outs(repo, ["train"])["models/adapter"] == lock_outs(pipeline_repo, ["train"])["models/adapter"]
+    assert json.loads(run(["dvc", "status", "--json"], repo).stdout) == {}   # evaluate, export: up to date

@@ -27,7 +27,7 @@ def test_the_training_run_is_tagged_and_has_every_param(pipeline_repo):
     from mlflow.tracking import MlflowClient
     repo = pipeline_repo
     client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
-    run_id = json.loads((repo / "models" / "adapter" / "training_run.json").read_text())["mlflow_run_id"]
+    run_id = json.loads((repo / "metrics" / "train.json").read_text())["mlflow_run_id"]
     record = client.get_run(run_id)
     tags, params = record.data.tags, record.data.params
 

@@ -36,8 +36,9 @@ def test_training_lowers_val_loss_and_writes_metrics_and_step_log(pipeline_repo)
     assert evaluated == list(range(fast["eval_steps"], fast["max_steps"] + 1, fast["eval_steps"]))
     assert (pipeline_repo / "metrics" / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     adapter = pipeline_repo / "models" / "adapter"
-    assert {"adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "training_run.json"} <= \
-        {p.name for p in adapter.iterdir()}
+    assert {"adapter_model.safetensors", "adapter_config.json", "tokenizer.json"} <= {p.name for p in adapter.iterdir()}
+    assert "training_run.json" not in {p.name for p in adapter.iterdir()}    # the run id is in train.json
+    assert len(metrics["mlflow_run_id"]) == 32
     assert not list((pipeline_repo / "models" / "checkpoints").glob("checkpoint-*"))   # cleaned after success
 
 

@@ -25,6 +25,9 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fie
 from titletune.cli import UserError
 
 PARAMS_FILE = Path("params.yaml")  # relative to the repository root, where DVC runs the stages
+# format.max_chars: auto: more characters than a token of any tokenizer spans on average (about 4
+# for English with Llama's), so the cut falls far beyond format.max_length tokens.
+CHARS_PER_TOKEN = 16
 # train keys renamed after their SFTConfig arguments: named in the error for an old params file.
 RENAMED = {"batch_size": "per_device_train_batch_size", "grad_accum": "gradient_accumulation_steps",
            "lr_scheduler": "lr_scheduler_type", "warmup_ratio": "warmup_steps", "optimizer": "optim",
@@ -116,8 +119,14 @@ class Model(Section):
 class Format(Section):
     style: Annotated[Literal["instruction", "chat"], Allowed("instruction or chat")]
     max_length: Size
+    # Characters of a title or a description kept before tokenising (auto: CHARS_PER_TOKEN x max_length).
+    max_chars: Annotated[Union[Literal["auto"], Annotated[int, Field(ge=1)]], Allowed("auto or a whole number >= 1")]
     questions: Annotated[list[Annotated[str, AfterValidator(_question)]], Field(min_length=1),
                          Allowed("a list of at least one question, each with {title}")]
+
+    def text_cap(self) -> int:
+        """max_chars as a number: auto keeps far more characters than max_length tokens hold."""
+        return CHARS_PER_TOKEN * self.max_length if self.max_chars == "auto" else self.max_chars
 
 
 class Train(Section):

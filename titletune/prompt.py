@@ -8,6 +8,9 @@ import zlib
 
 from titletune.cli import UserError
 
+# Where the question goes when a chat template is cut into pieces around it (private-use characters:
+# in no template).
+SLOT = "\ue000question\ue001"
 # Our own wording for base models (the seed notebook used an Alpaca-style instruction).
 INSTRUCTION_TEMPLATE = (
     "Below is a question about a product. Write a response that answers it.\n\n"
@@ -33,22 +36,50 @@ def build_prompt(tokenizer, question: str, style: str) -> str:
     raise ValueError(f"format.style: {style!r}")  # params.Format allows only the two above
 
 
-def encode_prompts(tokenizer, prompts, style: str, **kwargs):
-    """Tokenise prompts from build_prompt as training does: the chat template writes its own BOS,
-    the plain instruction template relies on the tokenizer adding it."""
-    return tokenizer(prompts, add_special_tokens=style == "instruction", **kwargs)
+def encode_text(tokenizer, texts: list[str]) -> list[list[int]]:
+    """User text (a title, a description, a question) as text: a special-token string in it
+    (`</s>`, `<s>`, `<|eot_id|>`) becomes the tokens of its characters, never the special token."""
+    return tokenizer(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+
+
+def encode_prompts(tokenizer, questions: list[str], style: str) -> list[list[int]]:
+    """The token ids of build_prompt's prompt around each question, as training, evaluation and
+    `ask` see them. The question is user text (encode_text): only the template's own special
+    tokens are special. `instruction`: our template has none, so the whole prompt is encoded as
+    text, plus the BOS the tokenizer adds. `chat`: the chat template writes its own BOS and role
+    markers; a question with a special-token string in it is encoded on its own, as text, between
+    the template's pieces (any other, as the whole prompt: the same ids, and what it always was)."""
+    prompts = [build_prompt(tokenizer, q, style) for q in questions]
+    if style == "instruction":
+        return tokenizer(prompts, add_special_tokens=True, split_special_tokens=True)["input_ids"]
+    ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    specials = [token.content for token in tokenizer.added_tokens_decoder.values() if token.special]
+    for i, question in enumerate(questions):
+        if any(special in question for special in specials):
+            pieces = build_prompt(tokenizer, SLOT, style).split(SLOT)
+            ids[i] = tokenizer(pieces[0], add_special_tokens=False)["input_ids"]
+            for piece in pieces[1:]:
+                ids[i] += encode_text(tokenizer, [question])[0] + tokenizer(piece, add_special_tokens=False)["input_ids"]
+    return ids
 
 
 def format_batch(batch: dict, tokenizer, fmt) -> dict:
     """Training examples for a batch of records (uid, title, content): the question and prompt
     text, the completion (the description + EOS), `input_ids` (prompt + completion, cut at
-    `format.max_length`) and `completion_mask` (1 on the completion tokens: only they carry loss)."""
-    questions = [pick_question(fmt.questions, uid).format(title=title)
-                 for uid, title in zip(batch["uid"], batch["title"])]
+    `format.max_length`) and `completion_mask` (1 on the completion tokens: only they carry loss).
+
+    Titles and descriptions are data: a special-token string in them stays text (encode_text), and
+    each is cut at `format.max_chars` characters before tokenising (`cut` says which records were),
+    so that one huge record cannot fill the memory; with `auto` the cut lies far beyond max_length
+    tokens and changes no token id that is kept."""
+    cap = fmt.text_cap()
+    titles = [title[:cap] for title in batch["title"]]
+    questions = [pick_question(fmt.questions, uid).format(title=title) for uid, title in zip(batch["uid"], titles)]
     prompts = [build_prompt(tokenizer, q, fmt.style) for q in questions]
     completions = [content + tokenizer.eos_token for content in batch["content"]]
-    prompt_ids = encode_prompts(tokenizer, prompts, fmt.style)["input_ids"]
-    completion_ids = tokenizer(completions, add_special_tokens=False)["input_ids"]
+    prompt_ids = encode_prompts(tokenizer, questions, fmt.style)
+    completion_ids = [ids + [tokenizer.eos_token_id]
+                      for ids in encode_text(tokenizer, [content[:cap] for content in batch["content"]])]
     input_ids, masks, lengths, truncated = [], [], [], []
     for p, c in zip(prompt_ids, completion_ids):
         ids = (p + c)[: fmt.max_length]
@@ -56,6 +87,7 @@ def format_batch(batch: dict, tokenizer, fmt) -> dict:
         masks.append([0] * len(p) + [1] * (len(ids) - len(p)))
         lengths.append(len(p) + len(c))
         truncated.append(len(p) + len(c) > fmt.max_length)
+    cut = [len(title) > cap or len(content) > cap for title, content in zip(batch["title"], batch["content"])]
     return {"question": questions, "prompt": prompts, "completion": completions,
             "input_ids": input_ids, "completion_mask": masks,
-            "full_length": lengths, "truncated": truncated}
+            "full_length": lengths, "truncated": truncated, "cut": cut}

@@ -55,13 +55,12 @@ def start_training_run(model, fmt, train):
     return run
 
 
-def log_evaluation(adapter_dir: Path, report: dict, files: list[Path], settings: dict) -> str:
-    """Log evaluate's metrics and files to the training run (models/adapter/training_run.json); if
-    that run is not in this store (trained elsewhere), to a new run tagged with its id."""
+def log_evaluation(train_metrics: Path, report: dict, files: list[Path], settings: dict) -> str:
+    """Log evaluate's metrics and files to the training run (`mlflow_run_id` in metrics/train.json);
+    if that run is not in this store (trained elsewhere), to a new run tagged with its id."""
     mlflow = setup()
     from mlflow.exceptions import MlflowException
-    run_file = adapter_dir / "training_run.json"
-    train_run_id = json.loads(run_file.read_text()).get("mlflow_run_id") if run_file.is_file() else None
+    train_run_id = json.loads(train_metrics.read_text()).get("mlflow_run_id") if train_metrics.is_file() else None
     try:
         run_args = {"run_id": mlflow.get_run(train_run_id).info.run_id} if train_run_id else None
     except MlflowException:

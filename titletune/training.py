@@ -217,12 +217,20 @@ def run_metrics(trainer, before: dict, after: dict, runtime: float, throughput: 
 
 # ---------------------------------------------------------------- outputs
 
-def save_adapter(model, tokenizer, adapter_dir: Path, mlflow_run_id: str) -> None:
-    """The LoRA weights (safetensors), the tokenizer and the MLflow run evaluate logs into."""
+def save_adapter(model, tokenizer, adapter_dir: Path, base_model: str) -> None:
+    """The LoRA weights (safetensors) and the tokenizer, the same bytes for the same weights in
+    every run and clone: PEFT writes target_modules in set order (which changes from one process to
+    the next) and the base model as the path it was loaded from (maybe absolute) into
+    adapter_config.json and its model card (README.md), so both get the modules sorted and
+    `base_model`, model.name as written in params.yaml. The MLflow run id is not in here (it would
+    change the adapter's hash on every run): it is in metrics/train.json."""
+    for config in model.peft_config.values():
+        config.base_model_name_or_path = base_model
+        if isinstance(config.target_modules, (set, list, tuple)):
+            config.target_modules = sorted(config.target_modules)
     with atomic_path(adapter_dir) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        (tmp / "training_run.json").write_text(json.dumps({"mlflow_run_id": mlflow_run_id}) + "\n")
 
 
 def step_rows(log_history: list[dict]) -> list[dict]:

@@ -69,6 +69,11 @@ def test_the_committed_params_are_valid_and_typed():
     # known values
     ("format", "style", "alpaca", "must be instruction or chat"),
     ("export", "dtype", "fp8", "must be auto, bfloat16, float16 or float32"),
+    # the export parity gate
+    ("export", "parity_samples", -1, "must be a whole number >= 0"),
+    ("export", "parity_max_new_tokens", 0, "must be a whole number >= 1"),
+    ("export", "parity_max_token_mismatch", 1.5, "must be a number in [0, 1]"),
+    ("export", "parity_max_nll_diff", -0.01, "must be a number >= 0"),
     ("train", "gradient_checkpointing", "yes", "must be false, true or unsloth"),
     ("train", "gpus", -1, "must be auto or a whole number >= 0"),
     ("train", "gpus", "all", "must be auto or a whole number >= 0"),

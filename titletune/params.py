@@ -163,6 +163,11 @@ class Evaluate(Section):
 class Export(Section):
     dtype: Annotated[Literal["auto", "bfloat16", "float16", "float32"],
                      Allowed("auto, bfloat16, float16 or float32")]
+    # The parity gate (titletune.exporting): the merged model against base + adapter.
+    parity_samples: Count  # test examples re-scored; 0 = no gate
+    parity_max_new_tokens: Size
+    parity_max_token_mismatch: number("a number in [0, 1]", ge=0, le=1)
+    parity_max_nll_diff: number("a number >= 0", ge=0)
 
 
 class Params(Section):

@@ -173,6 +173,20 @@ def test_questions_and_patterns_lists(tmp_path):
                         r"allowed \(must be a valid regular expression: missing \), .*\)", message), message
 
 
+def test_early_stopping_needs_a_checkpoint_at_evaluated_steps(tmp_path):
+    def edit(p):
+        p["train"].update(early_stopping_patience=2, eval_steps=4, save_steps=6)
+    assert error(params_file(tmp_path, edit)) == (
+        "params.yaml: train.save_steps: 6 is not allowed with early_stopping_patience 2 (must be a multiple of "
+        "eval_steps, 4, so that an evaluated step has a checkpoint to go back to)")
+    for patience, save_steps in ((0, 6), (2, 8), (2, 4)):       # off, or a multiple: fine
+        path = params_file(tmp_path, lambda p: p["train"].update(early_stopping_patience=patience, eval_steps=4,
+                                                                 save_steps=save_steps))
+        assert load_params("train", path=path).early_stopping_patience == patience
+    assert error(with_value(tmp_path, "train", "early_stopping_patience", -1)) == \
+        "params.yaml: train.early_stopping_patience: -1 is not allowed (must be a whole number >= 0)"
+
+
 def test_split_fractions_leave_room_for_training(tmp_path):
     def edit(p):
         p["preprocess"].update(val_fraction=0.6, test_fraction=0.5)

@@ -130,6 +130,8 @@ class Train(Section):
     gradient_checkpointing: Annotated[Union[bool, Literal["unsloth"]], Allowed("false, true or unsloth")]
     # 0: per_device_train_batch_size examples a step; N: packed rows of at most N tokens (titletune.batching).
     tokens_per_step: Count
+    # N > 0: stop once the validation loss has not improved for N evaluations; keep the best checkpoint.
+    early_stopping_patience: Count
     # SFTConfig's own names from here on (see training.sft_config).
     per_device_train_batch_size: Size
     gradient_accumulation_steps: Size
@@ -148,6 +150,15 @@ class Train(Section):
     logging_steps: Size
     save_steps: Size
     save_total_limit: Size
+
+    @model_validator(mode="after")
+    def _best_step_has_a_checkpoint(self):
+        # transformers keeps the best model only from steps it saved (load_best_model_at_end).
+        if self.early_stopping_patience and self.save_steps % self.eval_steps:
+            raise ValueError(f"save_steps: {self.save_steps} is not allowed with early_stopping_patience "
+                             f"{self.early_stopping_patience} (must be a multiple of eval_steps, {self.eval_steps}, "
+                             "so that an evaluated step has a checkpoint to go back to)")
+        return self
 
 
 class Evaluate(Section):

@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 
 from titletune.cli import UserError, atomic_path, run_main, write_json
-from titletune.generation import (SAMPLING_SEED, generate, generation_kwargs, prompt_ids, reference_nll,
-                                  select_examples, until_eos)
+from titletune.generation import (SAMPLING_SEED, eos_token_ids, generate, generation_kwargs, prompt_ids,
+                                  reference_nll, select_examples, until_eos)
 from titletune.metrics import delta, score
 from titletune.modeling import load_formatted, load_tuned_model, unsloth
 from titletune.params import load_params
@@ -39,8 +39,7 @@ def answer_and_score(model, tokenizer, examples, ep) -> tuple[dict, dict]:
     """({base, tuned}: metrics, {base, tuned}: answers). The base model is the same weights with
     the adapter switched off."""
     pad, bs = tokenizer.pad_token_id, ep.batch_size
-    gen_eos = model.generation_config.eos_token_id  # an int, a list (e.g. Llama 3 instruct) or None
-    eos_ids = {tokenizer.eos_token_id, *(gen_eos if isinstance(gen_eos, list) else [gen_eos])} - {None}
+    eos_ids = eos_token_ids(model, tokenizer)
     prompts = prompt_ids(examples)
     results, answers = {}, {}
     for name in ("base", "tuned"):

@@ -10,9 +10,10 @@ The same code runs on CPU (the embedded tiny model), one GPU and N GPUs: with `t
 it relaunches itself under torchrun (DDP); only rank 0 writes files and MLflow records.
 """
 from titletune.training import (CHECKPOINT_DIR, Throughput, add_lora, check_names,  # first: imports Unsloth
-                                clear_checkpoints, eval_sets, fit_packed_rows, hardware_settings, losses,
-                                losses_before, rank_step_times, resume_decision, run_fingerprint, run_metrics,
-                                save_adapter, sft_config, step_rows, timed_train, train_val_sets, write_step_log)
+                                clear_checkpoints, early_stopping_callbacks, eval_sets, fit_packed_rows,
+                                hardware_settings, losses, losses_before, rank_step_times, resume_decision,
+                                run_fingerprint, run_metrics, save_adapter, sft_config, step_rows,
+                                stopping_metrics, timed_train, train_val_sets, write_step_log)
 
 import os
 import subprocess
@@ -61,28 +62,33 @@ def main() -> None:
     resume = resume_decision(fingerprint, world_size())
     throughput = Throughput()
     trainer = SFTTrainer(model=model, args=config, train_dataset=train_set, eval_dataset=eval_sets(train_set, val_set),
-                         processing_class=tokenizer, callbacks=[throughput, *profile_callbacks(throughput)])
+                         processing_class=tokenizer,
+                         callbacks=[throughput, *profile_callbacks(throughput), *early_stopping_callbacks(tp)])
     attention = install_varlen_compat(padding_free=bool(trainer.args.padding_free or trainer.args.packing))
 
     run = start_training_run(model_params, fmt, tp) if is_rank0() else None
     before = losses_before(trainer, resume, fingerprint)
     runtime = timed_train(trainer, resume)
-    after = losses(trainer)
+    history = list(trainer.state.log_history)  # before losses() logs one more evaluation
+    after = losses(trainer)  # of the weights kept: the best checkpoint's with early stopping
     rank_steps = rank_step_times(throughput)
     if not is_rank0():
         return
     metrics = run_metrics(trainer, before, after, runtime, throughput, tp, fmt.max_length, world_size(),
                           attention, rank_steps)
     metrics["mlflow_run_id"] = run.info.run_id  # evaluate logs into this run
+    metrics.update(stopping_metrics(trainer, history, tp))
     save_adapter(model, tokenizer, adapter_dir, model_params.name)
     write_json(metrics_dir / "train.json", metrics)
     plots = [metrics_dir / "train_log.csv", metrics_dir / "loss_curve.png"]
-    write_step_log(step_rows(trainer.state.log_history), *plots)
+    write_step_log(step_rows(history), *plots)
     finish_training_run(metrics, adapter_dir, plots, hw["device"])
     clear_checkpoints()
+    stopped = (f"; stopped early ({metrics['stop_reason']}), adapter of step {metrics['best_step']}"
+               if metrics["stopped_early"] else "")
     print(f"train: {metrics['steps']} steps in {runtime:.0f} s, {metrics['tokens_per_s']:,.0f} tokens/s "
           f"({attention}), "
-          f"val loss {before['val_loss']:.3f} -> {after['val_loss']:.3f}; adapter in {adapter_dir}")
+          f"val loss {before['val_loss']:.3f} -> {after['val_loss']:.3f}{stopped}; adapter in {adapter_dir}")
 
 
 if __name__ == "__main__":

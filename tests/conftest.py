@@ -53,7 +53,9 @@ def model_runs(pipeline_repo, tmp_path_factory) -> dict:
     set_params(tmp, {"model": {"name": str(repo / "models/tiny-llama")}})
 
     def start(cmd: list, cwd: Path, **env) -> subprocess.Popen:
-        return subprocess.Popen(cmd, cwd=cwd, env=dict(ENV, **env), stdout=subprocess.PIPE,
+        # A script run by its path puts its own folder first on sys.path, not the repo: PYTHONPATH
+        # makes it import the repo's titletune (not whichever checkout the venv has installed).
+        return subprocess.Popen(cmd, cwd=cwd, env=dict(ENV, PYTHONPATH=str(repo), **env), stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True)
 
     procs = {

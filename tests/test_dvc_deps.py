@@ -109,11 +109,11 @@ def test_editing_the_prompt_module_reruns_tokenize_format_and_what_follows(pipel
     assert downstream({"tokenize-format"}) == {"tokenize-format", "train", "evaluate", "export"}
 
     # A real change of the prompt: tokenize-format re-runs, and then what uses its data is out of
-    # date (export follows train, through models/adapter); the data stages before it never are.
+    # date (export too: its parity gate reads the test split); the data stages before it never are.
     prompt.write_text(prompt.read_text().replace("Write a response that answers it.", "Answer it."))
     run(["dvc", "repro", "tokenize-format"], repo, timeout=300)
     assert "Answer it." in (repo / "data/formatted/train/data-00000-of-00001.arrow").read_bytes().decode("utf-8", "replace")
-    assert changed_stages(repo) == {"train", "evaluate"}
+    assert changed_stages(repo) == {"train", "evaluate", "export"}
 
 
 @pytest.mark.slow

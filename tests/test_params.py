@@ -69,6 +69,11 @@ def test_the_committed_params_are_valid_and_typed():
     # known values
     ("format", "style", "alpaca", "must be instruction or chat"),
     ("export", "dtype", "fp8", "must be auto, bfloat16, float16 or float32"),
+    # the export parity gate
+    ("export", "parity_samples", -1, "must be a whole number >= 0"),
+    ("export", "parity_max_new_tokens", 0, "must be a whole number >= 1"),
+    ("export", "parity_max_token_mismatch", 1.5, "must be a number in [0, 1]"),
+    ("export", "parity_max_nll_diff", -0.01, "must be a number >= 0"),
     ("train", "gradient_checkpointing", "yes", "must be false, true or unsloth"),
     ("train", "gpus", -1, "must be auto or a whole number >= 0"),
     ("train", "gpus", "all", "must be auto or a whole number >= 0"),
@@ -166,6 +171,20 @@ def test_questions_and_patterns_lists(tmp_path):
     message = error(with_value(tmp_path, "preprocess", "boilerplate_patterns", ["ok$", "--This text (refers"]))
     assert re.fullmatch(r'params\.yaml: preprocess\.boilerplate_patterns\[1\]: "--This text \(refers" is not '
                         r"allowed \(must be a valid regular expression: missing \), .*\)", message), message
+
+
+def test_early_stopping_needs_a_checkpoint_at_evaluated_steps(tmp_path):
+    def edit(p):
+        p["train"].update(early_stopping_patience=2, eval_steps=4, save_steps=6)
+    assert error(params_file(tmp_path, edit)) == (
+        "params.yaml: train.save_steps: 6 is not allowed with early_stopping_patience 2 (must be a multiple of "
+        "eval_steps, 4, so that an evaluated step has a checkpoint to go back to)")
+    for patience, save_steps in ((0, 6), (2, 8), (2, 4)):       # off, or a multiple: fine
+        path = params_file(tmp_path, lambda p: p["train"].update(early_stopping_patience=patience, eval_steps=4,
+                                                                 save_steps=save_steps))
+        assert load_params("train", path=path).early_stopping_patience == patience
+    assert error(with_value(tmp_path, "train", "early_stopping_patience", -1)) == \
+        "params.yaml: train.early_stopping_patience: -1 is not allowed (must be a whole number >= 0)"
 
 
 def test_split_fractions_leave_room_for_training(tmp_path):

@@ -27,6 +27,8 @@ def test_training_lowers_val_loss_and_writes_metrics_and_step_log(pipeline_repo)
     assert metrics["attention"] == "sdpa (cpu)" and metrics["tokens_per_step"] == 0
     assert 0 < metrics["real_tokens_per_step"] <= metrics["tokens_per_optimizer_step"]
     assert metrics["rank_step_s"][0] > 0 and metrics["rank_step_spread"] == 1.0
+    # train.early_stopping_patience 0 (the default): trained to max_steps, the last weights kept
+    assert (metrics["stopped_early"], metrics["stop_reason"], metrics["best_step"]) == (False, "max_steps", None)
     with open(pipeline_repo / "metrics" / "train_log.csv") as f:
         rows = list(csv.DictReader(f))
     assert list(rows[0]) == ["step", "train_loss", "val_loss", "learning_rate"]
@@ -64,6 +66,30 @@ def test_killed_training_resumes_from_its_last_checkpoint(pipeline_repo, tmp_pat
     metrics = json.loads((repo / "metrics" / "train.json").read_text())
     assert metrics["steps"] == 24
     assert not list((repo / "models" / "checkpoints").glob("checkpoint-*"))  # cleaned after success
+
+
+@pytest.mark.slow
+def test_early_stopping_stops_on_a_rising_val_loss_and_keeps_the_best_checkpoint(pipeline_repo, tmp_path):
+    """A learning rate far too high for the tiny model (0.05): the validation loss rises from the
+    second evaluation on; patience 1 stops there, and the adapter kept is the best checkpoint's."""
+    repo = tmp_path / "repo"
+    shutil.copytree(pipeline_repo, repo, symlinks=True)
+    set_params(repo, {"train": {"max_steps": 30, "eval_steps": 2, "save_steps": 2, "logging_steps": 2,
+                                "learning_rate": 0.05, "early_stopping_patience": 1}})
+    env = dict(ENV, MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    proc = run([sys.executable, "-m", "stages.train", "data/formatted", "models/adapter", "metrics"], repo,
+               env=env, timeout=900)
+    metrics = json.loads((repo / "metrics" / "train.json").read_text())
+    assert metrics["stopped_early"] is True and metrics["steps"] < 30
+    assert metrics["stop_reason"] == "early stopping: the validation loss did not improve for 1 evaluations"
+    with open(repo / "metrics" / "train_log.csv") as f:
+        val = {int(r["step"]): float(r["val_loss"]) for r in csv.DictReader(f) if r["val_loss"]}
+    assert max(val) == metrics["steps"] and metrics["best_step"] == min(val, key=val.get) < metrics["steps"]
+    assert metrics["best_val_loss"] == val[metrics["best_step"]] < val[metrics["steps"]]
+    # The adapter saved is the best checkpoint's: evaluated again after training, it scores exactly that.
+    assert metrics["val_loss_after"] == pytest.approx(metrics["best_val_loss"], abs=1e-6)
+    assert f"stopped early (early stopping: the validation loss did not improve for 1 evaluations), " \
+           f"adapter of step {metrics['best_step']}" in proc.stdout
 
 
 @pytest.mark.slow

@@ -45,6 +45,13 @@ def generate(model, prompts: list[list[int]], *, pad_token_id: int, batch_size: 
     return out
 
 
+def eos_token_ids(model, tokenizer) -> set[int]:
+    """Every token that ends an answer: the tokenizer's EOS (training completions end on it) and
+    the generation config's (an int, a list such as Llama 3 instruct's, or None)."""
+    gen_eos = model.generation_config.eos_token_id
+    return {tokenizer.eos_token_id, *(gen_eos if isinstance(gen_eos, list) else [gen_eos])} - {None}
+
+
 def until_eos(ids: list[int], eos_ids: set[int]) -> list[int]:
     """The answer's tokens: up to the first end-of-sequence (after it, generate() pads)."""
     for pos, token in enumerate(ids):
@@ -54,13 +61,13 @@ def until_eos(ids: list[int], eos_ids: set[int]) -> list[int]:
 
 
 def reference_nll(model, examples, *, pad_token_id: int, batch_size: int,
-                  desc: str = "scoring") -> tuple[float, int]:
+                  desc: str = "scoring", progress: bool = True) -> tuple[float, int]:
     """Summed NLL of the reference completions (as formatted for training) and their token count.
 
     Right padding: under causal attention no real token sees the padding after it.
     """
     total, count = 0.0, 0
-    for start in tqdm(range(0, len(examples), batch_size), desc=desc, unit="batch"):
+    for start in tqdm(range(0, len(examples), batch_size), desc=desc, unit="batch", disable=not progress):
         rows = examples[start:start + batch_size]
         ids, attention = pad_batch(rows["input_ids"], pad_token_id, side="right")
         mask, _ = pad_batch(rows["completion_mask"], 0, side="right")

@@ -139,6 +139,8 @@ class Train(Section):
     gradient_checkpointing: Annotated[Union[bool, Literal["unsloth"]], Allowed("false, true or unsloth")]
     # 0: per_device_train_batch_size examples a step; N: packed rows of at most N tokens (titletune.batching).
     tokens_per_step: Count
+    # N > 0: stop once the validation loss has not improved for N evaluations; keep the best checkpoint.
+    early_stopping_patience: Count
     # SFTConfig's own names from here on (see training.sft_config).
     per_device_train_batch_size: Size
     gradient_accumulation_steps: Size
@@ -158,6 +160,15 @@ class Train(Section):
     save_steps: Size
     save_total_limit: Size
 
+    @model_validator(mode="after")
+    def _best_step_has_a_checkpoint(self):
+        # transformers keeps the best model only from steps it saved (load_best_model_at_end).
+        if self.early_stopping_patience and self.save_steps % self.eval_steps:
+            raise ValueError(f"save_steps: {self.save_steps} is not allowed with early_stopping_patience "
+                             f"{self.early_stopping_patience} (must be a multiple of eval_steps, {self.eval_steps}, "
+                             "so that an evaluated step has a checkpoint to go back to)")
+        return self
+
 
 class Evaluate(Section):
     max_samples: Count  # 0 = all
@@ -172,6 +183,11 @@ class Evaluate(Section):
 class Export(Section):
     dtype: Annotated[Literal["auto", "bfloat16", "float16", "float32"],
                      Allowed("auto, bfloat16, float16 or float32")]
+    # The parity gate (titletune.exporting): the merged model against base + adapter.
+    parity_samples: Count  # test examples re-scored; 0 = no gate
+    parity_max_new_tokens: Size
+    parity_max_token_mismatch: number("a number in [0, 1]", ge=0, le=1)
+    parity_max_nll_diff: number("a number >= 0", ge=0)
 
 
 class Params(Section):

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import torch
+from transformers import EarlyStoppingCallback
 from trl import SFTConfig
 
 from titletune.batching import batching_args, tokens_per_optimizer_step
@@ -78,7 +79,40 @@ def sft_config(tp, max_length: int, hw: dict, world_size: int, output_dir: Path)
         include_num_input_tokens_seen="non_padding",
         ddp_find_unused_parameters=False if world_size > 1 else None,
         report_to=["mlflow"] if is_rank0() else [],
+        **early_stopping_args(tp),
     )
+
+
+# ---------------------------------------------------------------- early stopping
+
+def early_stopping_args(tp) -> dict:
+    """With train.early_stopping_patience: keep the checkpoint of the lowest validation loss and
+    load it when training ends (the trainer evaluates a dict of sets: the split `val` is
+    eval_val_loss). params checks that save_steps is a multiple of eval_steps."""
+    if not tp.early_stopping_patience:
+        return {}
+    return {"load_best_model_at_end": True, "metric_for_best_model": "eval_val_loss", "greater_is_better": False}
+
+
+def early_stopping_callbacks(tp) -> list:
+    """transformers' own EarlyStoppingCallback, or nothing (train.early_stopping_patience 0)."""
+    return [EarlyStoppingCallback(early_stopping_patience=tp.early_stopping_patience)] \
+        if tp.early_stopping_patience else []
+
+
+def stopping_metrics(trainer, log_history: list[dict], tp) -> dict:
+    """Why training stopped and which step's adapter is kept (metrics/train.json). log_history:
+    the trainer's, as it was when training ended (before the final evaluation of losses())."""
+    stopper = next((cb for cb in trainer.callback_handler.callbacks if isinstance(cb, EarlyStoppingCallback)), None)
+    stopped = bool(stopper) and stopper.early_stopping_patience_counter >= stopper.early_stopping_patience
+    best_step = best_val_loss = None
+    if stopper and trainer.state.best_model_checkpoint:
+        best_step = int(Path(trainer.state.best_model_checkpoint).name.rsplit("-", 1)[1])
+        best_val_loss = next((e["eval_val_loss"] for e in log_history
+                              if e.get("step") == best_step and "eval_val_loss" in e), None)
+    reason = (f"early stopping: the validation loss did not improve for {tp.early_stopping_patience} evaluations"
+              if stopped else "max_steps" if tp.max_steps > 0 else "num_train_epochs")
+    return {"stopped_early": stopped, "stop_reason": reason, "best_step": best_step, "best_val_loss": best_val_loss}
 
 
 def fit_packed_rows(model, tp) -> None:

@@ -51,7 +51,7 @@ def tiny_tokenizer():
 def formatted(tok, questions: list[str]) -> list[dict]:
     """Examples as tokenize-format writes them (the columns the template is derived from)."""
     prompts = [build_prompt(tok, q, "instruction") for q in questions]
-    ids = encode_prompts(tok, prompts, "instruction")["input_ids"]
+    ids = encode_prompts(tok, questions, "instruction")
     return [{"question": q, "prompt": p, "input_ids": i} for q, p, i in zip(questions, prompts, ids)]
 
 

@@ -94,7 +94,7 @@ def main() -> None:
     print(f"tokenize-format: {' / '.join(str(metrics[s]['examples']) for s in SPLITS)} train/val/test "
           f"examples, {t['tokens']:,} train tokens, p50 {t['length_p50']:.0f} tokens, "
           f"{t['truncated']} truncated at {fmt.max_length}; "
-          f"{sum(metrics[s]['cut_at_max_chars'] for s in SPLITS)} records cut at {fmt.text_cap():,} characters")
+          f"{sum(metrics[s]['cut_at_max_chars'] for s in SPLITS)} cut at {fmt.text_cap():,} characters")
 
 
 if __name__ == "__main__":

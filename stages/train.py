@@ -5,7 +5,9 @@
 Reads params `model`, `format` (max_length) and `train`; writes models/adapter (LoRA weights +
 tokenizer, the same bytes for the same training), metrics/train.json (with the MLflow run id),
 metrics/train_log.csv, metrics/loss_curve.png, an MLflow run, and checkpoints in
-models/checkpoints (a killed run resumes from the last one).
+models/checkpoints (a killed run resumes from the last one). Ctrl-C or SIGTERM stops it with one
+line that says which step it reached and which checkpoint is kept; the MLflow run then ends
+KILLED (FAILED on an error).
 The same code runs on CPU (the embedded tiny model), one GPU and N GPUs: with `train.gpus` > 1
 it relaunches itself under torchrun (DDP); only rank 0 writes files and MLflow records.
 """
@@ -24,12 +26,12 @@ import torch
 from trl import SFTTrainer
 
 from titletune.attention import install_varlen_compat
-from titletune.cli import run_main, write_json
+from titletune.cli import EXIT_INTERRUPTED, Interrupted, run_main, write_json, writing
 from titletune.launch import is_rank0, launch_command, local_rank, resolve_gpus, world_size
 from titletune.modeling import load_formatted, load_model
 from titletune.params import load_params
 from titletune.profiling import profile_callbacks
-from titletune.tracking import finish_training_run, start_training_run
+from titletune.tracking import ended_if_failed, finish_training_run, start_training_run
 
 
 def relaunch(n_gpus: int) -> None:
@@ -38,6 +40,16 @@ def relaunch(n_gpus: int) -> None:
     cmd = launch_command(n_gpus, [*this, *sys.argv[1:]])
     print(f"train: launching on {n_gpus} GPUs: {' '.join(cmd)}", flush=True)
     sys.exit(subprocess.run(cmd).returncode)
+
+
+def interrupted_at(step: int, save_steps: int) -> str:
+    """What Ctrl-C left: the step reached and the checkpoint the next run resumes from."""
+    saved = [int(state.parent.name.split("-")[-1]) for state in CHECKPOINT_DIR.glob("checkpoint-*/trainer_state.json")]
+    if saved:
+        return (f"interrupted at step {step}; the last checkpoint (step {max(saved)}) is kept in {CHECKPOINT_DIR}, "
+                "`dvc repro` resumes from it")
+    return (f"interrupted at step {step}, before the first checkpoint (train.save_steps: {save_steps}); "
+            "`dvc repro` starts over")
 
 
 def main() -> None:
@@ -66,23 +78,30 @@ def main() -> None:
                          callbacks=[throughput, *profile_callbacks(throughput), *early_stopping_callbacks(tp)])
     attention = install_varlen_compat(padding_free=bool(trainer.args.padding_free or trainer.args.packing))
 
-    run = start_training_run(model_params, fmt, tp) if is_rank0() else None
-    before = losses_before(trainer, resume, fingerprint)
-    runtime = timed_train(trainer, resume)
-    history = list(trainer.state.log_history)  # before losses() logs one more evaluation
-    after = losses(trainer)  # of the weights kept: the best checkpoint's with early stopping
-    rank_steps = rank_step_times(throughput)
-    if not is_rank0():
-        return
-    metrics = run_metrics(trainer, before, after, runtime, throughput, tp, fmt.max_length, world_size(),
-                          attention, rank_steps)
-    metrics["mlflow_run_id"] = run.info.run_id  # evaluate logs into this run
-    metrics.update(stopping_metrics(trainer, history, tp))
-    save_adapter(model, tokenizer, adapter_dir, model_params.name)
-    write_json(metrics_dir / "train.json", metrics)
-    plots = [metrics_dir / "train_log.csv", metrics_dir / "loss_curve.png"]
-    write_step_log(step_rows(history), *plots)
-    finish_training_run(metrics, adapter_dir, plots, hw["device"])
+    with ended_if_failed():
+        run = start_training_run(model_params, fmt, tp) if is_rank0() else None
+        try:
+            with writing(CHECKPOINT_DIR):
+                before = losses_before(trainer, resume, fingerprint)
+                runtime = timed_train(trainer, resume)
+                history = list(trainer.state.log_history)  # before losses() logs one more evaluation
+                after = losses(trainer)  # of the weights kept: the best checkpoint's with early stopping
+        except KeyboardInterrupt:
+            if not is_rank0():
+                sys.exit(EXIT_INTERRUPTED)  # rank 0 says it
+            raise Interrupted(interrupted_at(trainer.state.global_step, tp.save_steps)) from None
+        rank_steps = rank_step_times(throughput)
+        if not is_rank0():
+            return
+        metrics = run_metrics(trainer, before, after, runtime, throughput, tp, fmt.max_length, world_size(),
+                              attention, rank_steps)
+        metrics["mlflow_run_id"] = run.info.run_id  # evaluate logs into this run
+        metrics.update(stopping_metrics(trainer, history, tp))
+        save_adapter(model, tokenizer, adapter_dir, model_params.name)
+        write_json(metrics_dir / "train.json", metrics)
+        plots = [metrics_dir / "train_log.csv", metrics_dir / "loss_curve.png"]
+        write_step_log(step_rows(history), *plots)
+        finish_training_run(metrics, adapter_dir, plots, hw["device"])
     clear_checkpoints()
     stopped = (f"; stopped early ({metrics['stop_reason']}), adapter of step {metrics['best_step']}"
                if metrics["stopped_early"] else "")

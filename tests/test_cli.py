@@ -1,11 +1,16 @@
-"""titletune/cli.py: one line for a user error, outputs written whole or not at all."""
+"""titletune/cli.py: one line for a user error, an interruption or a full disk (a bug keeps its
+traceback), outputs written whole or not at all, and no temp output left by a killed run."""
 from __future__ import annotations
 
+import errno
 import json
+import os
+import signal
+import sys
 
 import pytest
 
-from titletune.cli import UserError, atomic_path, run_main, write_json
+from titletune.cli import Interrupted, UserError, atomic_path, run_main, write_json, writing
 
 
 def test_user_error_is_one_line_and_exit_code_2(capsys):
@@ -23,6 +28,71 @@ def test_other_errors_keep_their_traceback():
         raise KeyError("a bug")
 
     with pytest.raises(KeyError):
+        run_main(main)
+
+
+def one_line(main, capsys, monkeypatch, code: int) -> str:
+    """run_main(main) as the command stages/tokenize_format.py: the exit code and its one stderr line."""
+    monkeypatch.setattr(sys, "argv", ["stages/tokenize_format.py"])
+    with pytest.raises(SystemExit) as exit_:
+        run_main(main)
+    assert exit_.value.code == code
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    return err.rstrip("\n")
+
+
+def test_ctrl_c_and_sigterm_are_one_line_and_exit_code_130(capsys, monkeypatch):
+    def ctrl_c():
+        raise KeyboardInterrupt
+
+    def sigterm():
+        os.kill(os.getpid(), signal.SIGTERM)   # run_main handles it as Ctrl-C
+
+    def stage_says_what_is_kept():
+        raise Interrupted("interrupted at step 9; the last checkpoint (step 8) is kept")
+
+    assert one_line(ctrl_c, capsys, monkeypatch, 130) == "tokenize-format: interrupted"
+    assert one_line(sigterm, capsys, monkeypatch, 130) == "tokenize-format: interrupted"
+    assert one_line(stage_says_what_is_kept, capsys, monkeypatch, 130) == \
+        "tokenize-format: interrupted at step 9; the last checkpoint (step 8) is kept"
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL     # restored after the command
+
+
+def test_a_full_disk_is_one_line_naming_the_output(tmp_path, capsys, monkeypatch):
+    def enospc():
+        with atomic_path(tmp_path / "data" / "formatted") as tmp:
+            tmp.mkdir()
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    line = one_line(enospc, capsys, monkeypatch, 2)
+    assert line.startswith(f"error: no space left on device writing {tmp_path / 'data' / 'formatted'} (")
+    assert " GB free there; [Errno 28] No space left on device); free some space and run `dvc repro` again" in line
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == []          # nothing half-written
+
+
+def test_torch_and_safetensors_words_for_a_full_disk(tmp_path, capsys, monkeypatch):
+    def torch_save():    # what torch.save raises when the disk fills (its C++ writer)
+        with writing(tmp_path / "checkpoints"):
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
+
+    def safetensors_save():
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError:
+            raise Exception("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    line = one_line(torch_save, capsys, monkeypatch, 2)
+    assert line.startswith(f"error: no space left on device writing {tmp_path / 'checkpoints'} (")
+    assert "; torch.save: unexpected pos 576 vs 534)" in line
+    assert "writing a file (" in one_line(safetensors_save, capsys, monkeypatch, 2)
+
+
+def test_other_torch_writer_errors_keep_their_traceback():
+    def main():
+        raise RuntimeError("[enforce fail at inline_container.cc:600] . Parent directory x does not exist.")
+
+    with pytest.raises(RuntimeError):
         run_main(main)
 
 
@@ -51,6 +121,17 @@ def test_atomic_path_replaces_only_on_success(tmp_path, kind):
     write("third", fail=False)
     assert read() == "third"
     assert sorted(p.name for p in final.parent.iterdir()) == ["result"]   # no temp folder left
+
+
+def test_temp_outputs_of_a_killed_run_are_removed_by_the_next(tmp_path):
+    """SIGKILL leaves atomic_path's `.NAME.XXXXXXXX` folder; the next write of NAME removes it (only it)."""
+    for name in (".trn.jsonl.k1ll3d_x", ".trn.jsonl.abcd1234"):
+        (tmp_path / name / "trn.jsonl").mkdir(parents=True)
+    keep = [".trn.jsonl.notmine", ".other.abcd1234", "trn.jsonl.abcd1234", ".trn.jsonl.x.abcd1234"]
+    for name in keep:
+        (tmp_path / name).mkdir()
+    write_json(tmp_path / "trn.jsonl", {})
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(keep + ["trn.jsonl"])
 
 
 def test_write_json_is_sorted_and_ends_with_a_newline(tmp_path):

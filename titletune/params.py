@@ -9,6 +9,12 @@ names the file, the key, the value and what is allowed:
 
 The train keys that become SFTConfig arguments carry SFTConfig's names (training.sft_config
 passes them through); the others are ours (LoRA, gpus, `optim: auto`).
+
+A stage checks the file only when it runs, and `dvc repro` runs a stage only when something it
+depends on changed: a misspelled section (`trian:`) that no stage declares changes nothing, so
+`dvc repro` runs nothing and says nothing. Check the whole file at any time with
+
+    python -m titletune.params            # or: python -m titletune.params path/to/params.yaml
 """
 from __future__ import annotations
 
@@ -16,13 +22,14 @@ import difflib
 import json
 import re
 import string
+import sys
 from pathlib import Path
 from typing import Annotated, Literal, Union
 
 import yaml
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
-from titletune.cli import UserError
+from titletune.cli import UserError, run_main
 
 PARAMS_FILE = Path("params.yaml")  # relative to the repository root, where DVC runs the stages
 # format.max_chars: auto: more characters than a token of any tokenizer spans on average (about 4
@@ -270,3 +277,16 @@ def _member_tag(part: str) -> bool:
 
 def _show(value) -> str:
     return json.dumps(value, ensure_ascii=False)
+
+
+def main() -> None:
+    """Check a params file whole (params.yaml by default); one line either way."""
+    if len(sys.argv) > 2:
+        raise UserError("usage: python -m titletune.params [PARAMS_YAML]")
+    path = Path(sys.argv[1]) if len(sys.argv) == 2 else PARAMS_FILE
+    read_params(path)
+    print(f"{path}: OK (sections {', '.join(Params.model_fields)})")
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -9,11 +9,14 @@ do not reach SFTConfig (model, format, LoRA).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
 
 import yaml
+
+from titletune.cli import Interrupted
 
 # train params that do not reach SFTConfig as they are (the callback logs those it gets): LoRA,
 # gradient checkpointing (given to Unsloth), gpus and `optim: auto` (resolved by the hardware).
@@ -53,6 +56,22 @@ def start_training_run(model, fmt, train):
                        **{f"format.{k}": v for k, v in fmt.model_dump().items()},
                        **{f"train.{k}": getattr(train, k) for k in OURS}})
     return run
+
+
+@contextlib.contextmanager
+def ended_if_failed():
+    """If the block fails, end the active training run KILLED (Ctrl-C, SIGTERM) or FAILED (any
+    other error), never FINISHED (MLflow's exit hook would say so) nor RUNNING. A process killed
+    with SIGKILL cannot: its run stays RUNNING."""
+    try:
+        yield
+    except BaseException as err:
+        import mlflow
+        if mlflow.active_run() is not None:
+            status = "KILLED" if isinstance(err, (KeyboardInterrupt, Interrupted)) else "FAILED"
+            with contextlib.suppress(Exception):  # a full disk may fail this too: report the first error
+                mlflow.end_run(status=status)
+        raise
 
 
 def log_evaluation(train_metrics: Path, report: dict, files: list[Path], settings: dict) -> str:

@@ -4,11 +4,12 @@
 
 Reads params `model`, `format` (max_length) and `train`; writes models/adapter (LoRA weights +
 tokenizer + the MLflow run id), metrics/train.json, metrics/train_log.csv, metrics/loss_curve.png,
-an MLflow run, and checkpoints in models/checkpoints (a killed run resumes from the last one).
+an MLflow run, and checkpoints in .titletune/checkpoints/<run fingerprint> (not a DVC output; a
+killed run resumes from the last one; a finished run deletes them).
 The same code runs on CPU (the embedded tiny model), one GPU and N GPUs: with `train.gpus` > 1
 it relaunches itself under torchrun (DDP); only rank 0 writes files and MLflow records.
 """
-from titletune.training import (CHECKPOINT_DIR, Throughput, add_lora, check_names,  # first: imports Unsloth
+from titletune.training import (Throughput, add_lora, check_names, checkpoint_dir,  # first: imports Unsloth
                                 clear_checkpoints, early_stopping_callbacks, eval_sets, fit_packed_rows,
                                 hardware_settings, losses, losses_before, rank_step_times, resume_decision,
                                 run_fingerprint, run_metrics, save_adapter, sft_config, step_rows,
@@ -56,8 +57,8 @@ def main() -> None:
     model, tokenizer = load_model(model_params, fmt.max_length, device_map=device_map)
     model = add_lora(model, tp)
     fit_packed_rows(model, tp)
-    config = sft_config(tp, fmt.max_length, hw, world_size(), CHECKPOINT_DIR)  # sets up torchrun's group
     fingerprint = run_fingerprint({"model": model_params, "format": fmt, "train": tp}, data["train"])
+    config = sft_config(tp, fmt.max_length, hw, world_size(), checkpoint_dir(fingerprint))  # sets up torchrun's group
     resume = resume_decision(fingerprint, world_size())
     throughput = Throughput()
     trainer = SFTTrainer(model=model, args=config, train_dataset=train_set, eval_dataset=eval_sets(train_set, val_set),
@@ -81,7 +82,7 @@ def main() -> None:
     plots = [metrics_dir / "train_log.csv", metrics_dir / "loss_curve.png"]
     write_step_log(step_rows(history), *plots)
     finish_training_run(metrics, adapter_dir, plots, hw["device"])
-    clear_checkpoints()
+    clear_checkpoints(fingerprint)
     stopped = (f"; stopped early ({metrics['stop_reason']}), adapter of step {metrics['best_step']}"
                if metrics["stopped_early"] else "")
     print(f"train: {metrics['steps']} steps in {runtime:.0f} s, {metrics['tokens_per_s']:,.0f} tokens/s "

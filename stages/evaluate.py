@@ -11,7 +11,9 @@ titletune.metrics scores them. Writes, in the metrics folder:
     eval_compare.png    base vs tuned, one pair of bars per metric
 and logs them to the training run in MLflow (its id is in metrics/train.json). With
 evaluate.require_improvement (the default) the stage fails when the tuned model's perplexity is
-not below the base model's.
+not below the base model's; an adapter that passes becomes a version of the MLflow registered
+model `evaluate.registered_model`, tagged with these metrics, the data md5 and the git commit
+(titletune.tracking.register_evaluation).
 """
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ from titletune.generation import (SAMPLING_SEED, eos_token_ids, generate, genera
 from titletune.metrics import delta, score
 from titletune.modeling import load_formatted, load_tuned_model, unsloth
 from titletune.params import load_params
-from titletune.tracking import log_evaluation
+from titletune.tracking import log_evaluation, register_evaluation
 
 PLOTTED = [("perplexity", "perplexity (lower is better)"), ("rougeL", "ROUGE-L F1"),
            ("bleu", "BLEU"), ("chrf", "chrF"), ("degenerate_rate", "degenerate answers (share)"),
@@ -98,14 +100,19 @@ def main() -> None:
     write_json(files[0], report)
     write_samples(files[1], examples, answers)
     plot_comparison(results, len(examples), files[2])
-    log_evaluation(metrics_dir / "train.json", report, files, ep.model_dump())  # into the training run
+    run_id = log_evaluation(metrics_dir / "train.json", report, files, ep.model_dump())  # the training run
 
     b, t = results["base"], results["tuned"]
     print(f"evaluate: {len(examples)} test examples, base -> tuned: perplexity {b['perplexity']:.4g} -> "
           f"{t['perplexity']:.4g}, ROUGE-L {b['rougeL']:.3f} -> {t['rougeL']:.3f}, BLEU {b['bleu']:.2f} -> "
           f"{t['bleu']:.2f}, chrF {b['chrf']:.1f} -> {t['chrf']:.1f}, degenerate {b['degenerate_rate']:.0%} -> "
           f"{t['degenerate_rate']:.0%}; {files[0]}")
-    if ep.require_improvement and not t["perplexity"] < b["perplexity"]:
+    failed = ep.require_improvement and not t["perplexity"] < b["perplexity"]
+    if ep.registered_model and not failed:  # an adapter that fails the gate is not registered
+        version = register_evaluation(ep.registered_model, adapter_dir, report, run_id, model_params.name)
+        print(f"evaluate: MLflow model registry: {ep.registered_model} version {version.version} "
+              f"(models:/{ep.registered_model}/{version.version})")
+    if failed:
         raise UserError(
             f"the fine-tuned model is not better than the base model: perplexity {t['perplexity']:.6g} "
             f"(tuned) is not below {b['perplexity']:.6g} (base) on {len(examples)} test examples. "

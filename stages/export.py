@@ -18,6 +18,8 @@ The parity gate: base + adapter answers the first `export.parity_samples` test q
 and scores their reference answers (per-token NLL) before the merge; the merged model, saved and
 loaded back with plain transformers, does the same; beyond the tolerances in params the stage
 fails with one line, models/merged is not written and metrics/export.json says by how much.
+With export.register_merged, the merged model is logged to MLflow beside the adapter's version of
+the registered model `evaluate.registered_model` (titletune.tracking.register_export).
 """
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ from titletune.exporting import compare, parity_problems, set_chat_template, set
 from titletune.generation import eos_token_ids, generate, prompt_ids, reference_nll, select_examples, until_eos
 from titletune.modeling import load_formatted, load_tuned_model
 from titletune.params import load_params
+from titletune.tracking import register_export
 
 
 def parity_scores(model, tokenizer, examples, export, eos_ids: set[int], name: str) -> dict:
@@ -46,7 +49,7 @@ def parity_scores(model, tokenizer, examples, export, eos_ids: set[int], name: s
 
 def main() -> None:
     data_dir, adapter_dir, out_dir, report_path = map(Path, sys.argv[1:5])
-    model_params, fmt, export = load_params("model", "format", "export")
+    model_params, fmt, export, registry = load_params("model", "format", "export", "evaluate")
     # Merge into full-precision weights: merging into a 4-bit base would round the adapter away.
     model_params = model_params.model_copy(update={"load_in_4bit": False})
     model, tokenizer = load_tuned_model(model_params, fmt.max_length, adapter_dir)
@@ -96,6 +99,10 @@ def main() -> None:
             f"{report['nll_max_abs_diff']:.2g}" if export.parity_samples else "no parity gate (export.parity_samples 0)")
     print(f"export: {n_params / 1e6:,.1f} M parameters merged, {dtype_name}, in {out_dir} "
           f"(AutoModelForCausalLM.from_pretrained loads it); {gate}")
+    if export.register_merged and registry.registered_model:
+        version = register_export(registry.registered_model, adapter_dir, out_dir, report)
+        print(f"export: MLflow model registry: {registry.registered_model} version {version.version} "
+              f"has the merged model (artifact `merged` of run {version.run_id})")
 
 
 if __name__ == "__main__":

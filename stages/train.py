@@ -4,14 +4,14 @@
 
 Reads params `model`, `format` (max_length) and `train`; writes models/adapter (LoRA weights +
 tokenizer, the same bytes for the same training), metrics/train.json (with the MLflow run id),
-metrics/train_log.csv, metrics/loss_curve.png, an MLflow run, and checkpoints in
-models/checkpoints (a killed run resumes from the last one). Ctrl-C or SIGTERM stops it with one
-line that says which step it reached and which checkpoint is kept; the MLflow run then ends
-KILLED (FAILED on an error).
+metrics/train_log.csv, metrics/loss_curve.png and an MLflow run. Checkpoints go to
+.titletune/checkpoints/<run fingerprint> (not a DVC output: a killed run resumes from the last one,
+a finished run deletes them). Ctrl-C or SIGTERM stops it with one line that says which step it
+reached and which checkpoint is kept; the MLflow run then ends KILLED (FAILED on an error).
 The same code runs on CPU (the embedded tiny model), one GPU and N GPUs: with `train.gpus` > 1
 it relaunches itself under torchrun (DDP); only rank 0 writes files and MLflow records.
 """
-from titletune.training import (CHECKPOINT_DIR, Throughput, add_lora, check_names,  # first: imports Unsloth
+from titletune.training import (Throughput, add_lora, check_names, checkpoint_dir,  # first: imports Unsloth
                                 clear_checkpoints, early_stopping_callbacks, eval_sets, fit_packed_rows,
                                 hardware_settings, losses, losses_before, rank_step_times, resume_decision,
                                 run_fingerprint, run_metrics, save_adapter, sft_config, step_rows,
@@ -42,11 +42,11 @@ def relaunch(n_gpus: int) -> None:
     sys.exit(subprocess.run(cmd).returncode)
 
 
-def interrupted_at(step: int, save_steps: int) -> str:
+def interrupted_at(checkpoints: Path, step: int, save_steps: int) -> str:
     """What Ctrl-C left: the step reached and the checkpoint the next run resumes from."""
-    saved = [int(state.parent.name.split("-")[-1]) for state in CHECKPOINT_DIR.glob("checkpoint-*/trainer_state.json")]
+    saved = [int(state.parent.name.split("-")[-1]) for state in checkpoints.glob("checkpoint-*/trainer_state.json")]
     if saved:
-        return (f"interrupted at step {step}; the last checkpoint (step {max(saved)}) is kept in {CHECKPOINT_DIR}, "
+        return (f"interrupted at step {step}; the last checkpoint (step {max(saved)}) is kept in {checkpoints}, "
                 "`dvc repro` resumes from it")
     return (f"interrupted at step {step}, before the first checkpoint (train.save_steps: {save_steps}); "
             "`dvc repro` starts over")
@@ -69,8 +69,8 @@ def main() -> None:
     model, tokenizer = load_model(model_params, fmt.max_length, device_map=device_map)
     model = add_lora(model, tp)
     fit_packed_rows(model, tp)
-    config = sft_config(tp, fmt.max_length, hw, world_size(), CHECKPOINT_DIR)  # sets up torchrun's group
     fingerprint = run_fingerprint({"model": model_params, "format": fmt, "train": tp}, data["train"])
+    config = sft_config(tp, fmt.max_length, hw, world_size(), checkpoint_dir(fingerprint))  # sets up torchrun's group
     resume = resume_decision(fingerprint, world_size())
     throughput = Throughput()
     trainer = SFTTrainer(model=model, args=config, train_dataset=train_set, eval_dataset=eval_sets(train_set, val_set),
@@ -81,7 +81,7 @@ def main() -> None:
     with ended_if_failed():
         run = start_training_run(model_params, fmt, tp) if is_rank0() else None
         try:
-            with writing(CHECKPOINT_DIR):
+            with writing(checkpoint_dir(fingerprint)):
                 before = losses_before(trainer, resume, fingerprint)
                 runtime = timed_train(trainer, resume)
                 history = list(trainer.state.log_history)  # before losses() logs one more evaluation
@@ -89,7 +89,8 @@ def main() -> None:
         except KeyboardInterrupt:
             if not is_rank0():
                 sys.exit(EXIT_INTERRUPTED)  # rank 0 says it
-            raise Interrupted(interrupted_at(trainer.state.global_step, tp.save_steps)) from None
+            raise Interrupted(interrupted_at(checkpoint_dir(fingerprint), trainer.state.global_step,
+                                             tp.save_steps)) from None
         rank_steps = rank_step_times(throughput)
         if not is_rank0():
             return
@@ -102,7 +103,7 @@ def main() -> None:
         plots = [metrics_dir / "train_log.csv", metrics_dir / "loss_curve.png"]
         write_step_log(step_rows(history), *plots)
         finish_training_run(metrics, adapter_dir, plots, hw["device"])
-    clear_checkpoints()
+    clear_checkpoints(fingerprint)
     stopped = (f"; stopped early ({metrics['stop_reason']}), adapter of step {metrics['best_step']}"
                if metrics["stopped_early"] else "")
     print(f"train: {metrics['steps']} steps in {runtime:.0f} s, {metrics['tokens_per_s']:,.0f} tokens/s "

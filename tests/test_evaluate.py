@@ -1,8 +1,10 @@
-"""Stage `evaluate` (stages/evaluate.py): base vs tuned metrics, samples, plot and MLflow, and the
-gate that fails when the adapter does not help. Reuses the session's `pipeline_repo` (conftest)."""
+"""Stage `evaluate` (stages/evaluate.py): base vs tuned metrics, samples, plot and MLflow, the
+gate that fails when the adapter does not help, and the MLflow model registry version of an adapter
+that passes. Reuses the session's `pipeline_repo` (conftest)."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -54,3 +56,63 @@ def test_gate_fails_when_the_adapter_does_not_help(model_runs):
     assert "require_improvement" in error[0] and "Traceback" not in proc.stderr
     report = json.loads((model_runs["tmp"] / "gate/eval.json").read_text())  # written, for the diagnosis
     assert report["delta"]["perplexity"] == 0
+    from mlflow import MlflowClient                       # an adapter that fails the gate is not registered
+    assert MlflowClient(tracking_uri=f"sqlite:///{model_runs['tmp'] / 'gate.db'}").search_registered_models() == []
+
+
+# Plain transformers + PEFT (no Unsloth): the registry's download is an adapter folder PEFT loads.
+PEFT_LOAD = """
+import sys
+from transformers import AutoModelForCausalLM
+from peft import PeftModel
+model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("models/tiny-llama"), sys.argv[1])
+print(type(model).__name__, sorted(model.peft_config))
+"""
+
+
+@pytest.mark.slow
+def test_the_adapter_is_a_registered_model_version_with_metrics_data_and_commit(pipeline_repo, tmp_path):
+    import hashlib
+    import subprocess
+    import sys
+
+    import mlflow
+    import yaml
+    from mlflow import MlflowClient
+
+    repo = pipeline_repo
+    uri = f"sqlite:///{repo / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    versions = client.search_model_versions("name = 'titletune'")
+    assert len(versions) == 1, versions                  # one pipeline run: one adapter, one version
+    version = versions[0]
+    tags = version.tags
+    run_id = json.loads((repo / "metrics/train.json").read_text())["mlflow_run_id"]
+    assert version.run_id == run_id and version.source.endswith("/adapter")   # the training run's adapter
+    report = json.loads((repo / "metrics/eval.json").read_text())
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())
+    formatted_md5 = next(o["md5"] for o in lock["stages"]["tokenize-format"]["outs"] if o["path"] == "data/formatted")
+    commit = subprocess.run(["git", "rev-parse", "HEAD~1"], cwd=repo, capture_output=True, text=True).stdout.strip()
+    weights = (repo / "models/adapter/adapter_model.safetensors").read_bytes()
+    assert tags["data_md5"] == formatted_md5 and tags["git_commit"] == commit   # HEAD~1: the commit repro ran at
+    assert tags["adapter_md5"] == hashlib.md5(weights).hexdigest() and tags["training_run_id"] == run_id
+    assert float(tags["eval_tuned_perplexity"]) == pytest.approx(report["tuned"]["perplexity"], rel=1e-5)
+    assert float(tags["eval_delta_rougeL"]) == pytest.approx(report["delta"]["rougeL"], rel=1e-5, abs=1e-9)
+    assert tags["eval_samples"] == str(report["samples"]) and tags["base_model"] == "models/tiny-llama"
+    # export attached the merged model and its parity figures to the same version
+    assert tags["merged_model"].endswith("/merged") and tags["export_passed"] == "True"
+    assert tags["export_dtype"] == "float32" and float(tags["export_token_mismatch"]) == 0
+    assert {a.path for a in client.list_artifacts(run_id)} >= {"adapter", "eval", "merged"}
+    # Nothing else, and so no secret: every tag is one of these.
+    metrics = {f"eval_{m}_{k}" for m in ("tuned", "delta") for k in report["tuned"]}
+    assert set(tags) == metrics | {"eval_samples", "base_model", "adapter_md5", "training_run_id", "git_commit",
+                                   "data_md5", "merged_model", "export_dtype", "export_passed",
+                                   "export_token_mismatch", "export_nll_max_abs_diff"}
+
+    # models:/NAME/VERSION downloads the adapter folder, which PEFT loads onto the base model.
+    mlflow.set_tracking_uri(uri)          # the registry the models:/ URI is resolved in
+    folder = Path(mlflow.artifacts.download_artifacts(f"models:/titletune/{version.version}",
+                                                      dst_path=str(tmp_path / "dl")))
+    assert (folder / "adapter_model.safetensors").read_bytes() == weights
+    loaded = run([sys.executable, "-c", PEFT_LOAD, str(folder)], repo).stdout.splitlines()[-1]
+    assert loaded == "PeftModelForCausalLM ['default']"

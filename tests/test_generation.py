@@ -8,7 +8,7 @@ import torch
 from datasets import Dataset
 
 from titletune.generation import generate, generation_kwargs, pad_batch, prompt_ids, select_examples, until_eos
-from titletune.params import Evaluate
+from titletune.params import load_params
 
 
 def test_until_eos():
@@ -62,8 +62,8 @@ def test_sample_selection_is_deterministic_and_order_free():
 
 
 def test_generation_kwargs_pass_sampling_settings_only_when_sampling():
-    ep = Evaluate(max_samples=8, batch_size=8, max_new_tokens=16, do_sample=False, temperature=0.7, top_p=0.9,
-                  require_improvement=True)
+    ep = load_params("evaluate").model_copy(update=dict(max_new_tokens=16, do_sample=False, temperature=0.7,
+                                                        top_p=0.9))
     assert generation_kwargs(ep) == {"max_new_tokens": 16, "do_sample": False}
     sampled = ep.model_copy(update={"do_sample": True})
     assert generation_kwargs(sampled) == {"max_new_tokens": 16, "do_sample": True, "temperature": 0.7,

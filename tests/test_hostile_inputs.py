@@ -232,11 +232,11 @@ def test_ctrl_c_in_train_is_one_line_keeps_the_checkpoint_and_ends_the_run_kille
                                        (tmp_path / "err").read_text())
     line = one_error(done, code=130, prefix="train: interrupted")
     match = re.fullmatch(r"train: interrupted at step (\d+); the last checkpoint \(step (\d+)\) is kept in "
-                         r"models/checkpoints, `dvc repro` resumes from it", line)
+                         r"(\.titletune/checkpoints/[0-9a-f]{64}), `dvc repro` resumes from it", line)
     assert match, line
-    step, kept = map(int, match.groups())
+    step, kept = map(int, match.groups()[:2])
     assert step >= kept >= 4 and kept % 4 == 0
-    assert (repo / "models" / "checkpoints" / f"checkpoint-{kept}" / "trainer_state.json").is_file()
+    assert (repo / match.group(3) / f"checkpoint-{kept}" / "trainer_state.json").is_file()
     untouched(repo, adapter)
     assert training_run_status(env) == ["KILLED"]
 
@@ -245,13 +245,15 @@ def test_ctrl_c_in_train_is_one_line_keeps_the_checkpoint_and_ends_the_run_kille
 def test_a_full_disk_in_train_is_one_line_and_fails_the_run(trained, full_disk):
     repo, env = trained
     set_params(repo, {"train": {"max_steps": 8, "save_steps": 4, "eval_steps": 1000}})
-    # models/ on a small disk: room for checkpoint-4's LoRA weights and tokenizer (0.8 MB), not
-    # for its optimizer state (1.3 MB, written by torch.save)
-    proc = run(full_disk(repo, "models", 1_200_000, TRAIN), repo, env=env, check=False, timeout=600)
+    # the checkpoints' folder on a small disk: room for checkpoint-4's LoRA weights and tokenizer
+    # (0.8 MB), not for its optimizer state (1.3 MB, written by torch.save)
+    (repo / ".titletune").mkdir(exist_ok=True)
+    proc = run(full_disk(repo, ".titletune", 1_200_000, TRAIN), repo, env=env, check=False, timeout=600)
     line = one_error(proc)
-    assert line.startswith("error: no space left on device writing models/checkpoints (0.00 GB free there; ")
+    assert re.match(r"error: no space left on device writing \.titletune/checkpoints/[0-9a-f]{64} "
+                    r"\(0\.00 GB free there; ", line), line
     assert "; torch.save: unexpected pos " in line, line
-    assert proc.stdout.splitlines()[-2] == "hidden: "          # no temp output in models/ (adapter untouched)
+    assert hidden(repo / "models") == []                       # no temp output in models/ (adapter untouched)
     assert training_run_status(env) == ["FAILED"]
 
 

@@ -53,7 +53,7 @@ def test_two_process_data_parallel_run_writes_once_from_rank0(pipeline_repo, tmp
     assert metrics["world_size"] == 2 and metrics["steps"] == 4
     assert metrics["effective_batch_size"] == 2 * tp.per_device_train_batch_size * tp.gradient_accumulation_steps
     assert (repo / "models" / "adapter" / "adapter_model.safetensors").is_file()
-    assert not list((repo / "models" / "checkpoints").glob("checkpoint-*"))
+    assert not list((repo / ".titletune" / "checkpoints").glob("*/checkpoint-*"))
 
     import mlflow
     mlflow.set_tracking_uri(f"sqlite:///{store}")

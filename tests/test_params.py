@@ -74,6 +74,11 @@ def test_the_committed_params_are_valid_and_typed():
     ("export", "parity_max_new_tokens", 0, "must be a whole number >= 1"),
     ("export", "parity_max_token_mismatch", 1.5, "must be a number in [0, 1]"),
     ("export", "parity_max_nll_diff", -0.01, "must be a number >= 0"),
+    ("export", "register_merged", "yes", "must be true or false"),
+    ("evaluate", "registered_model", "my model", "must be a name of letters, digits, '.', '_' and '-', "
+                                                 "or empty (no registry)"),
+    ("evaluate", "registered_model", "x' or name='y", "must be a name of letters, digits, '.', '_' and '-', "
+                                                      "or empty (no registry)"),
     ("train", "gradient_checkpointing", "yes", "must be false, true or unsloth"),
     ("train", "gpus", -1, "must be auto or a whole number >= 0"),
     ("train", "gpus", "all", "must be auto or a whole number >= 0"),
@@ -217,3 +222,8 @@ def test_sections_are_read_only(tmp_path):
     train = load_params("train", path=ROOT / "params.yaml")
     with pytest.raises(Exception):
         train.learning_rate = 1.0
+
+
+@pytest.mark.parametrize("name", ["titletune", "team.adapters-v2_1", ""])
+def test_registered_model_is_a_plain_name_or_empty(tmp_path, name):
+    assert load_params("evaluate", path=with_value(tmp_path, "evaluate", "registered_model", name)).registered_model == name

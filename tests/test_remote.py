@@ -3,10 +3,12 @@
 
 Two remotes: a shared directory, and a real S3-compatible server (moto in server mode on
 127.0.0.1, started and stopped by the test) reached through dvc-s3 like any S3 bucket.
-No training here: both reuse the session's `pipeline_repo`.
+And the run-cache: a second clone of the same code and params gets `train`'s outputs from the
+remote without training. No training here: all reuse the session's `pipeline_repo`.
 """
 from __future__ import annotations
 
+import json
 import shutil
 import socket
 from pathlib import Path
@@ -61,6 +63,39 @@ def test_directory_remote_round_trip(pipeline_repo, tmp_path):
 
     check_round_trip(repo, tmp_path / "clone", ENV, ENV)
     assert any((store / "files" / "md5").iterdir())          # DVC 3 layout of the remote
+
+
+@pytest.mark.slow
+def test_a_teammate_gets_train_from_the_run_cache_without_training(pipeline_repo, tmp_path):
+    """Clone A ran the pipeline (the fixture) and pushes with --run-cache. Clone B, at the same
+    code and params but without A's dvc.lock (a teammate about to run the same experiment), gets
+    `train` from the remote: DVC finds the run in the run-cache and checks its outputs out."""
+    a = copy_pipeline(pipeline_repo, tmp_path / "a")
+    store = tmp_path / "shared-cache"
+    run(["dvc", "remote", "add", "-d", "shared", str(store)], a)
+    push = run(["dvc", "push", "--run-cache"], a, timeout=300)
+    assert "pushed" in push.stdout, push.stdout
+    assert any((store / "runs").iterdir())                 # the run-cache entries (one per stage run)
+
+    b = tmp_path / "b"
+    run(["git", "clone", "-q", str(a), str(b)], tmp_path)
+    run(["git", "checkout", "-q", "HEAD~1"], b)              # the commit A ran: no dvc.lock, no outputs
+    assert not (b / "dvc.lock").exists() and not (b / "models" / "adapter").exists()
+    assert run(["git", "diff", "--stat", "HEAD", "main", "--", "params.yaml", "dvc.yaml", "stages", "titletune"],
+               b).stdout == ""                               # same code and params as A's run
+    run(["dvc", "remote", "add", "-d", "shared", str(store)], b)
+    # --pull: fetch the run-cache, and the outputs of every stage found in it (a plain `dvc repro`
+    # would only use objects already in the local cache).
+    repro = run(["dvc", "repro", "--pull", "train"], b, timeout=900)
+    out = repro.stdout
+    assert "Stage 'train' is cached - skipping run, checking out outputs" in out, out
+    assert "Running stage 'train'" not in out
+    for path in ("models/adapter/adapter_model.safetensors", "metrics/train.json", "metrics/train_log.csv",
+                 "metrics/loss_curve.png"):
+        assert (b / path).read_bytes() == (a / path).read_bytes(), path
+    assert not (b / "mlflow.db").exists() and not (b / "mlruns").exists()   # no training run in B
+    assert not (b / ".titletune").exists()                                   # no checkpoints either
+    assert json.loads(run(["dvc", "status", "--json", "train"], b).stdout) == {}
 
 
 # ---------------------------------------------------------------- S3 (moto server on loopback)

@@ -41,7 +41,7 @@ def test_training_lowers_val_loss_and_writes_metrics_and_step_log(pipeline_repo)
     assert {"adapter_model.safetensors", "adapter_config.json", "tokenizer.json"} <= {p.name for p in adapter.iterdir()}
     assert "training_run.json" not in {p.name for p in adapter.iterdir()}    # the run id is in train.json
     assert len(metrics["mlflow_run_id"]) == 32
-    assert not list((pipeline_repo / "models" / "checkpoints").glob("checkpoint-*"))   # cleaned after success
+    assert not list((pipeline_repo / ".titletune" / "checkpoints").glob("*/checkpoint-*"))   # cleaned after success
 
 
 @pytest.mark.slow
@@ -54,7 +54,8 @@ def test_killed_training_resumes_from_its_last_checkpoint(pipeline_repo, tmp_pat
     try:
         deadline = time.time() + 400
         # trainer_state.json is the last file a checkpoint gets: kill once checkpoint-8 is complete
-        while not (repo / "models" / "checkpoints" / "checkpoint-8" / "trainer_state.json").exists():
+        # (in .titletune/checkpoints/<run fingerprint>/: git- and dvc-ignored, no DVC output)
+        while not list((repo / ".titletune" / "checkpoints").glob("*/checkpoint-8/trainer_state.json")):
             assert proc.poll() is None and time.time() < deadline, "training ended before a checkpoint"
             time.sleep(0.5)
         time.sleep(1)
@@ -65,7 +66,7 @@ def test_killed_training_resumes_from_its_last_checkpoint(pipeline_repo, tmp_pat
     assert "resuming from the last checkpoint" in resumed.stdout + resumed.stderr
     metrics = json.loads((repo / "metrics" / "train.json").read_text())
     assert metrics["steps"] == 24
-    assert not list((repo / "models" / "checkpoints").glob("checkpoint-*"))  # cleaned after success
+    assert not list((repo / ".titletune" / "checkpoints").glob("*/checkpoint-*"))  # cleaned after success
 
 
 @pytest.mark.slow

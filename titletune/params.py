@@ -185,6 +185,9 @@ class Evaluate(Section):
     temperature: Positive
     top_p: number("a number in (0, 1]", gt=0, le=1)
     require_improvement: Flag
+    # MLflow model registry: each evaluated adapter is a version of this registered model; "" = none.
+    registered_model: Annotated[str, Field(pattern=r"^([A-Za-z0-9][A-Za-z0-9._-]*)?$"),
+                                Allowed("a name of letters, digits, '.', '_' and '-', or empty (no registry)")]
 
 
 class Export(Section):
@@ -195,6 +198,7 @@ class Export(Section):
     parity_max_new_tokens: Size
     parity_max_token_mismatch: number("a number in [0, 1]", ge=0, le=1)
     parity_max_nll_diff: number("a number >= 0", ge=0)
+    register_merged: Flag  # log models/merged to MLflow with the adapter's registry version
 
 
 class Params(Section):

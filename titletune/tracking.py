@@ -108,3 +108,85 @@ def finish_training_run(metrics: dict, adapter_dir: Path, plots: list[Path], har
         mlflow.log_artifact(str(plot), "plots")
     mlflow.set_tags({"hardware": hardware, "attention": metrics["attention"]})
     mlflow.end_run()
+
+
+# ---------------------------------------------------------------- model registry
+
+def adapter_md5(adapter_dir: Path) -> str:
+    """The adapter's identity in the registry: the md5 of its weights file."""
+    import hashlib
+    with open(adapter_dir / "adapter_model.safetensors", "rb") as f:
+        return hashlib.file_digest(f, "md5").hexdigest()
+
+
+def git_commit() -> str | None:
+    """The commit the stage runs at (HEAD of the checkout it runs in), or None outside git."""
+    import subprocess
+    proc = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True)
+    return proc.stdout.strip() if proc.returncode == 0 else None
+
+
+def _training_run_id(mlflow, train_metrics: Path = Path("metrics/train.json")) -> str | None:
+    """The adapter's training run (`mlflow_run_id` in metrics/train.json), if it is in this store."""
+    from mlflow.exceptions import MlflowException
+    run_id = json.loads(train_metrics.read_text()).get("mlflow_run_id") if train_metrics.is_file() else None
+    try:
+        return mlflow.get_run(run_id).info.run_id if run_id else None
+    except MlflowException:
+        return None
+
+
+def adapter_version(name: str, adapter_dir: Path, holder_run_id: str | None = None):
+    """The registry version of this adapter (registered model `name`), created on first use: one
+    version per trained adapter (tag adapter_md5), whichever of evaluate and export comes first.
+    Its source is the adapter's artifacts in the training run, or, where that run is not in this
+    store (trained elsewhere, or restored from DVC's run-cache), in holder_run_id / a new run."""
+    mlflow = setup()
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+    client, md5 = MlflowClient(), adapter_md5(adapter_dir)
+    found = client.search_model_versions(f"name = '{name}' and tags.adapter_md5 = '{md5}'")
+    if found:
+        return max(found, key=lambda v: int(v.version))
+    run_id = _training_run_id(mlflow) or holder_run_id
+    if run_id is None:
+        with mlflow.start_run(run_name="registry", tags={"stage": "registry"}) as run:
+            run_id = run.info.run_id
+    if not any(a.path == "adapter" for a in client.list_artifacts(run_id)):
+        client.log_artifacts(run_id, str(adapter_dir), "adapter")
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        client.create_registered_model(name, description="titletune LoRA adapters (titletune.tracking)")
+    tags = {"adapter_md5": md5, "training_run_id": _training_run_id(mlflow) or "",
+            "git_commit": git_commit() or "", "data_md5": data_md5_from_lock() or "",
+            "dvc_experiment": os.environ.get("DVC_EXP_NAME", "")}
+    return client.create_model_version(name, source=f"{client.get_run(run_id).info.artifact_uri}/adapter",
+                                       run_id=run_id, tags={k: v for k, v in tags.items() if v})
+
+
+def register_evaluation(name: str, adapter_dir: Path, report: dict, holder_run_id: str, base_model: str):
+    """evaluate: the adapter's registry version gets the eval metrics (tuned and tuned - base) as tags."""
+    from mlflow import MlflowClient
+    version = adapter_version(name, adapter_dir, holder_run_id)
+    tags = {f"eval_{model}_{k}": f"{float(v):.6g}" for model in ("tuned", "delta") for k, v in report[model].items()}
+    tags.update(eval_samples=str(report["samples"]), base_model=base_model)
+    client = MlflowClient()
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version.version, key, value)
+    return version
+
+
+def register_export(name: str, adapter_dir: Path, merged_dir: Path, report: dict):
+    """export: the merged model, logged next to the adapter (artifact `merged` of the version's run),
+    and the parity figures, as tags of the adapter's registry version."""
+    from mlflow import MlflowClient
+    version = adapter_version(name, adapter_dir)
+    client = MlflowClient()
+    client.log_artifacts(version.run_id, str(merged_dir), "merged")
+    tags = {"merged_model": f"{client.get_run(version.run_id).info.artifact_uri}/merged",
+            **{f"export_{k}": str(report[k]) for k in ("dtype", "passed", "token_mismatch", "nll_max_abs_diff")
+               if k in report}}
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version.version, key, value)
+    return version

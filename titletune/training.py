@@ -2,8 +2,9 @@
 
 sft_config passes the train params that carry SFTConfig's own names straight through (SFT_KEYS)
 and adds what the hardware decides (hardware_settings: precision, `optim: auto`). Checkpoints
-go to models/checkpoints (a persisted DVC output): a killed run resumes from the last one if the
-params and the data are still the same (run_fingerprint), else it starts over.
+go to .titletune/checkpoints/<run fingerprint>/ (git- and dvc-ignored, no DVC output): a killed run
+resumes from the last one if the params and the data are still the same (run_fingerprint), else
+it starts over.
 """
 from __future__ import annotations
 
@@ -27,9 +28,11 @@ from titletune.cli import UserError, atomic_path, write_json
 from titletune.launch import is_rank0
 from titletune.profiling import Throughput, peak_memory_gb
 
-CHECKPOINT_DIR = Path("models/checkpoints")
-FINGERPRINT = CHECKPOINT_DIR / "fingerprint.json"
-LOSS_BEFORE = CHECKPOINT_DIR / "loss_before.json"
+# Trainer checkpoints of the run in progress, in a folder named after its fingerprint, outside
+# every DVC output: DVC never saves a stage with a `persist` output to its run-cache, and the
+# train stage must be cacheable (`dvc push --run-cache` shares a finished run with the team).
+CHECKPOINT_DIR = Path(".titletune/checkpoints")
+LOSS_BEFORE = "loss_before.json"  # in the run's folder: the losses before training, for a resumed run
 LOSS_SUBSET = 256  # examples used to measure train loss before/after (the full train set is too slow)
 # train params that are SFTConfig arguments of the same name and meaning
 # (batch size, packing and padding-free are decided by titletune.batching)
@@ -150,17 +153,27 @@ def run_fingerprint(sections: dict, train_set) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
+def checkpoint_dir(fingerprint: str) -> Path:
+    """The folder of one run's checkpoints (the trainer's output_dir)."""
+    return CHECKPOINT_DIR / fingerprint
+
+
 def resumable_checkpoint(fingerprint: str) -> bool:
-    """True when models/checkpoints holds a checkpoint of this same run; else clear it."""
-    for ckpt in CHECKPOINT_DIR.glob("checkpoint-*"):
+    """True when this run's folder holds a complete checkpoint. The folders of other runs (killed
+    with other params or data) are removed: checkpoints can be large, and only an unchanged run
+    resumes, so at most one interrupted run is kept."""
+    run_dir = checkpoint_dir(fingerprint)
+    for other in CHECKPOINT_DIR.glob("*"):
+        if other != run_dir:
+            shutil.rmtree(other) if other.is_dir() else other.unlink()
+    for ckpt in run_dir.glob("checkpoint-*"):
         if not (ckpt / "trainer_state.json").is_file():
             shutil.rmtree(ckpt)  # cut short while being saved (its state file is written last)
-    has_checkpoint = any(CHECKPOINT_DIR.glob("checkpoint-*"))
-    if has_checkpoint and FINGERPRINT.is_file() and json.loads(FINGERPRINT.read_text())["run"] == fingerprint:
+    if any(run_dir.glob("checkpoint-*")):
         return True
-    if CHECKPOINT_DIR.exists():
-        shutil.rmtree(CHECKPOINT_DIR)
-    CHECKPOINT_DIR.mkdir(parents=True)
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True)
     return False
 
 
@@ -169,14 +182,13 @@ def resume_decision(fingerprint: str, world_size: int) -> bool:
     resume = resumable_checkpoint(fingerprint) if is_rank0() else False
     if world_size > 1:
         torch.distributed.barrier()  # rank 0 has cleared or kept the checkpoints
-        resume = any(CHECKPOINT_DIR.glob("checkpoint-*"))
+        resume = any(checkpoint_dir(fingerprint).glob("checkpoint-*"))
     return resume
 
 
-def clear_checkpoints() -> None:
+def clear_checkpoints(fingerprint: str) -> None:
     """After a finished run: its checkpoints are no longer needed (the adapter is the result)."""
-    for ckpt in CHECKPOINT_DIR.glob("checkpoint-*"):
-        shutil.rmtree(ckpt)
+    shutil.rmtree(checkpoint_dir(fingerprint), ignore_errors=True)
 
 
 # ---------------------------------------------------------------- measuring
@@ -203,13 +215,13 @@ def losses(trainer) -> dict:
 
 def losses_before(trainer, resume: bool, fingerprint: str) -> dict:
     """The losses before training: measured now, or those of the run being resumed."""
-    if resume and LOSS_BEFORE.is_file():
-        print(f"train: resuming from the last checkpoint in {CHECKPOINT_DIR}", flush=True)
-        return json.loads(LOSS_BEFORE.read_text())
+    saved = checkpoint_dir(fingerprint) / LOSS_BEFORE
+    if resume and saved.is_file():
+        print(f"train: resuming from the last checkpoint in {checkpoint_dir(fingerprint)}", flush=True)
+        return json.loads(saved.read_text())
     before = losses(trainer)
     if is_rank0():
-        write_json(LOSS_BEFORE, before)
-        write_json(FINGERPRINT, {"run": fingerprint})
+        write_json(saved, before)
     return before
 
 

@@ -85,6 +85,7 @@ def main() -> None:
                 before = losses_before(trainer, resume, fingerprint)
                 runtime = timed_train(trainer, resume)
                 history = list(trainer.state.log_history)  # before losses() logs one more evaluation
+                stopping = stopping_metrics(trainer, history, tp)
                 after = losses(trainer)  # of the weights kept: the best checkpoint's with early stopping
         except KeyboardInterrupt:
             if not is_rank0():
@@ -97,7 +98,7 @@ def main() -> None:
         metrics = run_metrics(trainer, before, after, runtime, throughput, tp, fmt.max_length, world_size(),
                               attention, rank_steps)
         metrics["mlflow_run_id"] = run.info.run_id  # evaluate logs into this run
-        metrics.update(stopping_metrics(trainer, history, tp))
+        metrics.update(stopping)
         save_adapter(model, tokenizer, adapter_dir, model_params.name)
         write_json(metrics_dir / "train.json", metrics)
         plots = [metrics_dir / "train_log.csv", metrics_dir / "loss_curve.png"]

@@ -40,7 +40,10 @@ def test_two_process_data_parallel_run_writes_once_from_rank0(pipeline_repo, tmp
     repo = tmp_path / "repo"
     shutil.copytree(pipeline_repo, repo, symlinks=True)
     shutil.rmtree(repo / "models" / "adapter")
-    set_params(repo, {"train": {"max_steps": 4, "eval_steps": 2, "save_steps": 2, "logging_steps": 1}})
+    # With early stopping on: the best checkpoint is reloaded under DDP too, and a run that reaches
+    # max_steps is not reported as stopped early (the final evaluation does not count).
+    set_params(repo, {"train": {"max_steps": 4, "eval_steps": 2, "save_steps": 2, "logging_steps": 1,
+                                "early_stopping_patience": 1}})
     store = tmp_path / "mlflow.db"
     cmd = launch_command(2, ["-m", "stages.train", "data/formatted", "models/adapter", "metrics"])
     proc = run(cmd, repo, env=dict(ENV, MLFLOW_TRACKING_URI=f"sqlite:///{store}"), timeout=600)
@@ -51,6 +54,8 @@ def test_two_process_data_parallel_run_writes_once_from_rank0(pipeline_repo, tmp
     metrics = json.loads((repo / "metrics" / "train.json").read_text())
     tp = load_params("train", path=repo / "params.yaml")
     assert metrics["world_size"] == 2 and metrics["steps"] == 4
+    assert metrics["stopped_early"] is False and metrics["stop_reason"] == "max_steps"
+    assert metrics["best_step"] in (2, 4)
     assert metrics["effective_batch_size"] == 2 * tp.per_device_train_batch_size * tp.gradient_accumulation_steps
     assert (repo / "models" / "adapter" / "adapter_model.safetensors").is_file()
     assert not list((repo / ".titletune" / "checkpoints").glob("*/checkpoint-*"))

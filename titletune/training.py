@@ -97,17 +97,29 @@ def early_stopping_args(tp) -> dict:
     return {"load_best_model_at_end": True, "metric_for_best_model": "eval_val_loss", "greater_is_better": False}
 
 
+class ValLossEarlyStopping(EarlyStoppingCallback):
+    """transformers' EarlyStoppingCallback on the validation split alone: the trainer evaluates a
+    dict of sets and calls on_evaluate once per set; the other set (train_subset) has no
+    eval_val_loss, and transformers' callback would warn for it that early stopping is disabled."""
+
+    def on_evaluate(self, args, state, control, metrics, **kwargs):
+        if args.metric_for_best_model in metrics:
+            super().on_evaluate(args, state, control, metrics, **kwargs)
+
+
 def early_stopping_callbacks(tp) -> list:
     """transformers' own EarlyStoppingCallback, or nothing (train.early_stopping_patience 0)."""
-    return [EarlyStoppingCallback(early_stopping_patience=tp.early_stopping_patience)] \
+    return [ValLossEarlyStopping(early_stopping_patience=tp.early_stopping_patience)] \
         if tp.early_stopping_patience else []
 
 
 def stopping_metrics(trainer, log_history: list[dict], tp) -> dict:
-    """Why training stopped and which step's adapter is kept (metrics/train.json). log_history:
-    the trainer's, as it was when training ended (before the final evaluation of losses())."""
+    """Why training stopped and which step's adapter is kept (metrics/train.json). Call it when
+    training has ended, before any other evaluation (losses() would count as one more evaluation
+    without improvement); log_history: the trainer's at that point."""
     stopper = next((cb for cb in trainer.callback_handler.callbacks if isinstance(cb, EarlyStoppingCallback)), None)
-    stopped = bool(stopper) and stopper.early_stopping_patience_counter >= stopper.early_stopping_patience
+    stopped = bool(stopper) and stopper.early_stopping_patience_counter >= stopper.early_stopping_patience \
+        and trainer.state.global_step < trainer.state.max_steps   # at max_steps it ends anyway
     best_step = best_val_loss = None
     if stopper and trainer.state.best_model_checkpoint:
         best_step = int(Path(trainer.state.best_model_checkpoint).name.rsplit("-", 1)[1])

@@ -63,7 +63,7 @@ def test_sample_selection_is_deterministic_and_order_free():
 
 def test_generation_kwargs_pass_sampling_settings_only_when_sampling():
     ep = Evaluate(max_samples=8, batch_size=8, max_new_tokens=16, do_sample=False, temperature=0.7, top_p=0.9,
-                  require_improvement=True)
+                  require_improvement=True, registered_model="")
     assert generation_kwargs(ep) == {"max_new_tokens": 16, "do_sample": False}
     sampled = ep.model_copy(update={"do_sample": True})
     assert generation_kwargs(sampled) == {"max_new_tokens": 16, "do_sample": True, "temperature": 0.7,

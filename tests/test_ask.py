@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from titletune.testing import ROOT, run
+from titletune.testing import ENV, ROOT, run
 
 
 def words(text: str) -> str:
@@ -23,8 +23,9 @@ def test_ask_streams_the_tuned_answer(model_runs):
 
 
 def test_ask_without_adapter_says_run_dvc_repro(tmp_path):
+    # PYTHONPATH: a script run by its path imports titletune from this checkout, not the venv's install
     proc = run([sys.executable, "scripts/ask.py", "--adapter", str(tmp_path / "none"), "What is X?"],
-               ROOT, check=False)
+               ROOT, check=False, env=dict(ENV, PYTHONPATH=str(ROOT)))
     assert proc.returncode == 2
     assert "no trained adapter" in proc.stderr and "dvc repro" in proc.stderr and "Traceback" not in proc.stderr
 

@@ -205,7 +205,7 @@ def training_run_status(env: dict) -> list[str]:
 def untouched(repo: Path, before: dict) -> None:
     """The adapter and metrics are those of before; no temp output anywhere."""
     assert tree_md5(repo / "models" / "adapter") == before
-    for folder in (repo / "models", repo / "metrics", repo / "models" / "checkpoints"):
+    for folder in (repo / "models", repo / "metrics", *repo.glob(".titletune/checkpoints/*")):
         assert hidden(folder) == [], folder
 
 

@@ -28,7 +28,8 @@ import torch
 from tqdm import tqdm
 
 from titletune.cli import UserError, run_main
-from titletune.generation import generate, prompt_ids, select_examples
+from titletune.generation import generate, prompt_ids
+from titletune.splits import select_examples
 from titletune.modeling import load_formatted, load_model, load_tuned_model
 from titletune.params import load_params
 

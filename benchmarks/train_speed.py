@@ -112,7 +112,7 @@ def harness_case(case: dict, data: Path) -> dict:
                                  Path("/tmp/bench_out"))
     config.report_to, config.eval_strategy, config.save_strategy = [], "no", "no"
     throughput = Throughput()
-    train = load_formatted(data)["train"].select_columns(["input_ids", "completion_mask"])
+    train = load_formatted(data)["train"].select_columns(["input_ids", "labels"])
     trainer = SFTTrainer(model=model, args=config, train_dataset=train, processing_class=tok,
                          callbacks=[throughput, *profile_callbacks(throughput)])
     trainer.train()
@@ -141,7 +141,7 @@ def hf_case(case: dict, data: Path) -> dict:
                        max_length=case["tokens_per_step"], include_num_input_tokens_seen="non_padding",
                        report_to=[], save_strategy="no", logging_steps=5, seed=0)
     throughput = Throughput()
-    train = load_from_disk(str(data))["train"].select_columns(["input_ids", "completion_mask"])
+    train = load_from_disk(str(data))["train"].select_columns(["input_ids", "labels"])
     trainer = SFTTrainer(model=model, args=config, train_dataset=train,
                          processing_class=AutoTokenizer.from_pretrained(path), callbacks=[throughput])
     torch.cuda.reset_peak_memory_stats()

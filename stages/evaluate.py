@@ -26,10 +26,11 @@ import torch
 
 from titletune.cli import UserError, atomic_path, run_main, write_json
 from titletune.generation import (SAMPLING_SEED, eos_token_ids, generate, generation_kwargs, prompt_ids,
-                                  reference_nll, select_examples, until_eos)
+                                  reference_nll, until_eos)
 from titletune.metrics import delta, score
 from titletune.modeling import load_formatted, load_tuned_model, unsloth
 from titletune.params import load_params
+from titletune.splits import select_examples
 from titletune.tracking import log_evaluation, register_evaluation
 
 PLOTTED = [("perplexity", "perplexity (lower is better)"), ("rougeL", "ROUGE-L F1"),

@@ -29,9 +29,10 @@ from pathlib import Path
 
 from titletune.cli import UserError, atomic_path, run_main, write_json
 from titletune.exporting import compare, parity_problems, set_chat_template, set_generation_eos
-from titletune.generation import eos_token_ids, generate, prompt_ids, reference_nll, select_examples, until_eos
+from titletune.generation import eos_token_ids, generate, prompt_ids, reference_nll, until_eos
 from titletune.modeling import load_formatted, load_tuned_model
 from titletune.params import load_params
+from titletune.splits import select_examples
 from titletune.tracking import register_export
 
 

@@ -11,11 +11,9 @@ reached and which checkpoint is kept; the MLflow run then ends KILLED (FAILED on
 The same code runs on CPU (the embedded tiny model), one GPU and N GPUs: with `train.gpus` > 1
 it relaunches itself under torchrun (DDP); only rank 0 writes files and MLflow records.
 """
-from titletune.training import (Throughput, add_lora, check_names, checkpoint_dir,  # first: imports Unsloth
-                                clear_checkpoints, early_stopping_callbacks, eval_sets, fit_packed_rows,
-                                hardware_settings, losses, losses_before, rank_step_times, resume_decision,
-                                run_fingerprint, run_metrics, save_adapter, sft_config, step_rows,
-                                stopping_metrics, timed_train, train_val_sets, write_step_log)
+from titletune.training import (Throughput, add_lora, check_names, eval_sets,  # first: imports Unsloth
+                                fit_packed_rows, hardware_settings, losses, losses_before, rank_step_times,
+                                run_metrics, save_adapter, sft_config, timed_train, train_val_sets)
 
 import os
 import subprocess
@@ -27,10 +25,13 @@ from trl import SFTTrainer
 
 from titletune.attention import install_varlen_compat
 from titletune.cli import EXIT_INTERRUPTED, Interrupted, run_main, write_json, writing
+from titletune.early_stopping import early_stopping_callbacks, stopping_metrics
 from titletune.launch import is_rank0, launch_command, local_rank, resolve_gpus, world_size
+from titletune.loss_log import step_rows, write_step_log
 from titletune.modeling import load_formatted, load_model
 from titletune.params import load_params
 from titletune.profiling import profile_callbacks
+from titletune.resuming import checkpoint_dir, clear_checkpoints, resume_decision, run_fingerprint
 from titletune.tracking import ended_if_failed, finish_training_run, start_training_run
 
 
@@ -52,15 +53,11 @@ def interrupted_at(checkpoints: Path, step: int, save_steps: int) -> str:
             "`dvc repro` starts over")
 
 
-def main() -> None:
-    data_dir, adapter_dir, metrics_dir = map(Path, sys.argv[1:4])
-    model_params, fmt, tp = load_params("model", "format", "train")
-    check_names(tp)
-    n_gpus = resolve_gpus(tp.gpus)
-    if n_gpus > 1 and "WORLD_SIZE" not in os.environ:
-        relaunch(n_gpus)
+def build_trainer(data_dir: Path, model_params, fmt, tp):
+    """The base model with its LoRA adapter in an SFTTrainer over the formatted data; also the
+    throughput callback, the run's fingerprint (its checkpoints' folder) and the device."""
     data = load_formatted(data_dir)
-    train_set, val_set = train_val_sets(data, data_dir)
+    train_set, val_set = train_val_sets(data, data_dir, tp.val_samples)
     hw = hardware_settings(tp.optim)
     print(f"train: {hw['device']}, {world_size()} process(es), bf16={hw['bf16']} fp16={hw['fp16']}, "
           f"optimizer {hw['optim']}", flush=True)
@@ -71,11 +68,32 @@ def main() -> None:
     fit_packed_rows(model, tp)
     fingerprint = run_fingerprint({"model": model_params, "format": fmt, "train": tp}, data["train"])
     config = sft_config(tp, fmt.max_length, hw, world_size(), checkpoint_dir(fingerprint))  # sets up torchrun's group
-    resume = resume_decision(fingerprint, world_size())
     throughput = Throughput()
     trainer = SFTTrainer(model=model, args=config, train_dataset=train_set, eval_dataset=eval_sets(train_set, val_set),
                          processing_class=tokenizer,
                          callbacks=[throughput, *profile_callbacks(throughput), *early_stopping_callbacks(tp)])
+    return trainer, throughput, fingerprint, hw["device"]
+
+
+def write_outputs(trainer, metrics: dict, history: list[dict], adapter_dir: Path, metrics_dir: Path,
+                  base_model: str, device: str) -> None:
+    """The adapter, metrics/train.json, the loss log and plot, and their MLflow copies (rank 0)."""
+    save_adapter(trainer.model, trainer.processing_class, adapter_dir, base_model)
+    write_json(metrics_dir / "train.json", metrics)
+    plots = [metrics_dir / "train_log.csv", metrics_dir / "loss_curve.png"]
+    write_step_log(step_rows(history), *plots)
+    finish_training_run(metrics, adapter_dir, plots, device)
+
+
+def main() -> None:
+    data_dir, adapter_dir, metrics_dir = map(Path, sys.argv[1:4])
+    model_params, fmt, tp = load_params("model", "format", "train")
+    check_names(tp)
+    n_gpus = resolve_gpus(tp.gpus)
+    if n_gpus > 1 and "WORLD_SIZE" not in os.environ:
+        relaunch(n_gpus)
+    trainer, throughput, fingerprint, device = build_trainer(data_dir, model_params, fmt, tp)
+    resume = resume_decision(fingerprint, world_size())
     attention = install_varlen_compat(padding_free=bool(trainer.args.padding_free or trainer.args.packing))
 
     with ended_if_failed():
@@ -95,21 +113,16 @@ def main() -> None:
         rank_steps = rank_step_times(throughput)
         if not is_rank0():
             return
-        metrics = run_metrics(trainer, before, after, runtime, throughput, tp, fmt.max_length, world_size(),
-                              attention, rank_steps)
-        metrics["mlflow_run_id"] = run.info.run_id  # evaluate logs into this run
-        metrics.update(stopping)
-        save_adapter(model, tokenizer, adapter_dir, model_params.name)
-        write_json(metrics_dir / "train.json", metrics)
-        plots = [metrics_dir / "train_log.csv", metrics_dir / "loss_curve.png"]
-        write_step_log(step_rows(history), *plots)
-        finish_training_run(metrics, adapter_dir, plots, hw["device"])
+        metrics = {**run_metrics(trainer, before, after, runtime, throughput, tp, fmt.max_length, world_size(),
+                                 attention, rank_steps),
+                   "mlflow_run_id": run.info.run_id, **stopping}  # evaluate logs into this run
+        write_outputs(trainer, metrics, history, adapter_dir, metrics_dir, model_params.name, device)
     clear_checkpoints(fingerprint)
     stopped = (f"; stopped early ({metrics['stop_reason']}), adapter of step {metrics['best_step']}"
                if metrics["stopped_early"] else "")
     print(f"train: {metrics['steps']} steps in {runtime:.0f} s, {metrics['tokens_per_s']:,.0f} tokens/s "
-          f"({attention}), "
-          f"val loss {before['val_loss']:.3f} -> {after['val_loss']:.3f}{stopped}; adapter in {adapter_dir}")
+          f"({attention}), val loss {before['val_loss']:.3f} -> {after['val_loss']:.3f}{stopped}; "
+          f"adapter in {adapter_dir}")
 
 
 if __name__ == "__main__":

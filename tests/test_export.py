@@ -16,7 +16,8 @@ from titletune.testing import run, set_params
 MERGED_ANSWERS = """
 import json, sys
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from titletune.generation import generate, generation_kwargs, prompt_ids, select_examples, until_eos
+from titletune.generation import generate, generation_kwargs, prompt_ids, until_eos
+from titletune.splits import select_examples
 from titletune.modeling import load_formatted
 from titletune.params import load_params
 ep = load_params("evaluate")
@@ -49,7 +50,8 @@ def test_export_merged_equals_base_plus_adapter(pipeline_repo):
 EOS_RUN = """
 import json, sys
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from titletune.generation import prompt_ids, select_examples
+from titletune.generation import prompt_ids
+from titletune.splits import select_examples
 from titletune.modeling import load_formatted
 MAX_NEW = int(sys.argv[1])
 model = AutoModelForCausalLM.from_pretrained("models/merged").eval()

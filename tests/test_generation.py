@@ -1,13 +1,11 @@
-"""titletune/generation.py: padding, batched generation order and caching, sample selection
+"""titletune/generation.py: padding, batched generation order and caching, prompt ids
 (a stand-in model, no weights)."""
 from __future__ import annotations
-
-import random
 
 import torch
 from datasets import Dataset
 
-from titletune.generation import generate, generation_kwargs, pad_batch, prompt_ids, select_examples, until_eos
+from titletune.generation import generate, generation_kwargs, pad_batch, prompt_ids, until_eos
 from titletune.params import load_params
 
 
@@ -49,18 +47,6 @@ def test_generate_batches_left_padded_with_cache_and_keeps_order():
     assert kw0["use_cache"] is True and kw0["max_new_tokens"] == 2 and kw0["pad_token_id"] == 0
 
 
-def test_sample_selection_is_deterministic_and_order_free():
-    rows = [{"uid": f"U{i:03d}", "input_ids": [1, 10 + i, 2], "completion_mask": [0, 0, 1]} for i in range(50)]
-    shuffled = rows[:]
-    random.Random(1).shuffle(shuffled)
-    a = select_examples(Dataset.from_list(rows), 10)["uid"]
-    b = select_examples(Dataset.from_list(shuffled), 10)["uid"]
-    assert a == b and len(set(a)) == 10
-    assert a != [r["uid"] for r in rows[:10]]  # spread over the split, not its first rows
-    assert len(select_examples(Dataset.from_list(rows), 0)) == 50  # 0 = all
-    assert prompt_ids(Dataset.from_list(rows[:2])) == [[1, 10], [1, 11]]
-
-
 def test_generation_kwargs_pass_sampling_settings_only_when_sampling():
     ep = load_params("evaluate").model_copy(update=dict(max_new_tokens=16, do_sample=False, temperature=0.7,
                                                         top_p=0.9))
@@ -68,3 +54,8 @@ def test_generation_kwargs_pass_sampling_settings_only_when_sampling():
     sampled = ep.model_copy(update={"do_sample": True})
     assert generation_kwargs(sampled) == {"max_new_tokens": 16, "do_sample": True, "temperature": 0.7,
                                           "top_p": 0.9}
+
+
+def test_prompt_ids_are_the_tokens_before_the_completion():
+    rows = [{"uid": f"U{i:03d}", "input_ids": [1, 10 + i, 2], "completion_mask": [0, 0, 1]} for i in range(2)]
+    assert prompt_ids(Dataset.from_list(rows)) == [[1, 10], [1, 11]]

@@ -182,7 +182,8 @@ def test_tokenize_format_with_hostile_records_after_a_kill_9(repo, tmp_path):
     # the only special tokens: the BOS the template starts with and the EOS that ends the answer
     assert [i for i in ids if i in special] == [tokenizer.bos_token_id, tokenizer.eos_token_id]
     assert ids[0] == tokenizer.bos_token_id and ids[-1] == tokenizer.eos_token_id
-    assert HOSTILE_TITLE in tokenizer.decode(ids) and row["completion"].endswith("Still text.</s></s>")
+    # the description's own "</s>" is text, then the real EOS
+    assert HOSTILE_TITLE in tokenizer.decode(ids) and tokenizer.decode(ids).endswith("Still text.</s></s>")
 
 
 # ---------------------------------------------------------------- train (copies of the session's pipeline_repo)

@@ -4,7 +4,8 @@ from __future__ import annotations
 import pytest
 
 from titletune.params import Format
-from titletune.prompt import INSTRUCTION_TEMPLATE, build_prompt, encode_prompts, format_batch, pick_question
+from titletune.prompt import (IGNORE_INDEX, INSTRUCTION_TEMPLATE, build_prompt, encode_prompts, format_batch,
+                              pick_question, token_ids)
 from titletune.testing import ROOT
 
 TINY = ROOT / "models" / "tiny-llama"
@@ -83,7 +84,6 @@ def test_long_texts_are_cut_before_tokenising(tokenizer):
     out = format_batch(batch, tokenizer, fmt)
     assert out["cut"] == [True, True, False]
     assert out["question"][0].count("T") == 40
-    assert out["completion"][1] == batch["content"][1] + tokenizer.eos_token    # the text column stays whole
     content_ids = [i for i, m in zip(out["input_ids"][1], out["completion_mask"][1]) if m]
     assert tokenizer.decode(content_ids[:-1]) == ("word " * 8)[:40]
     assert FMT.text_cap() == 16 * FMT.max_length
@@ -111,8 +111,32 @@ def test_format_masks_the_prompt_and_ends_with_eos(tokenizer):
     assert tokenizer.decode([i for i, m in zip(ids, mask) if m], skip_special_tokens=True) == batch["content"][0]
     assert out["question"][0] == pick_question(FMT.questions, "B1").format(title="Red Kettle")
     assert out["question"][0] in out["prompt"][0]
-    assert out["completion"][0] == "A red kettle for tea." + tokenizer.eos_token
     assert out["full_length"][0] == len(ids)
     # the long one is cut at max_length and flagged
     assert len(out["input_ids"][1]) == FMT.max_length and out["truncated"][1]
     assert out["full_length"][1] > FMT.max_length
+
+
+@pytest.mark.parametrize("add_special_tokens", [False, True])
+@pytest.mark.parametrize("split_special_tokens", [False, True])
+def test_token_ids_are_those_of_the_tokenizers_own_call(tokenizer, add_special_tokens, split_special_tokens):
+    texts = ["A red kettle.", f"Fits </s> and <s> lids. {HOSTILE}", "", "word " * 300, "caf\u00e9 \u2014 \U0001f375"]
+    expected = tokenizer(texts, add_special_tokens=add_special_tokens, split_special_tokens=split_special_tokens)
+    assert token_ids(tokenizer, texts, add_special_tokens, split_special_tokens) == expected["input_ids"]
+    # the Rust tokenizer is left as it was: a later plain call still treats </s> as the special token
+    assert tokenizer("</s>", add_special_tokens=False)["input_ids"] == [tokenizer.eos_token_id]
+
+
+def test_labels_are_the_ids_with_the_prompt_ignored(tokenizer):
+    batch = {"uid": ["B1", "B2"], "title": ["Red Kettle", "Blue Mug"], "content": ["A red kettle for tea.", "word " * 400]}
+    out = format_batch(batch, tokenizer, FMT)
+    for ids, mask, labels in zip(out["input_ids"], out["completion_mask"], out["labels"]):
+        assert labels == [i if m else IGNORE_INDEX for i, m in zip(ids, mask)]
+    assert out["prompt_only"] == [False, False]
+
+
+def test_a_prompt_that_fills_max_length_is_marked_prompt_only(tokenizer):
+    batch = {"uid": ["B1"], "title": ["Kettle " * 200], "content": ["A red kettle for tea."]}
+    out = format_batch(batch, tokenizer, FMT)
+    assert out["prompt_only"] == [True] and len(out["input_ids"][0]) == FMT.max_length
+    assert not any(out["completion_mask"][0]) and set(out["labels"][0]) == {IGNORE_INDEX}

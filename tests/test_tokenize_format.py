@@ -8,7 +8,8 @@ import sys
 import pytest
 
 from titletune.modeling import load_formatted
-from titletune.prompt import pick_question
+from titletune.params import load_params
+from titletune.prompt import build_prompt, pick_question
 from titletune.testing import FAST_PARAMS, run, set_params
 
 
@@ -38,8 +39,8 @@ def test_formatted_dataset_matches_its_metrics(pipeline_repo):
     assert metrics["style"] == "instruction" and metrics["max_length"] == max_length
     for split in ("train", "val", "test"):
         rows = data[split]
-        assert set(rows.column_names) == {"uid", "title", "content", "question", "prompt", "completion",
-                                          "input_ids", "completion_mask"}
+        assert set(rows.column_names) == {"uid", "title", "content", "question", "prompt", "input_ids",
+                                          "completion_mask", "labels"}
         assert metrics[split]["examples"] == len(rows) > 0
         assert metrics[split]["tokens"] == sum(map(len, rows["input_ids"]))
         assert max(map(len, rows["input_ids"])) <= max_length
@@ -59,3 +60,27 @@ def test_fingerprints_are_hashes_of_the_data(pipeline_repo):
         folder = pipeline_repo / "data/formatted" / split
         digest = hashlib.sha256(b"".join(p.read_bytes() for p in sorted(folder.glob("data-*.arrow"))))
         assert json.loads((folder / "state.json").read_text())["_fingerprint"] == digest.hexdigest()[:16]
+
+
+@pytest.mark.slow
+def test_batched_tokenising_gives_the_ids_of_one_tokenizer_call_per_example(pipeline_repo):
+    """The stage tokenises 1,000 records a call through the Rust tokenizer, in one process per core;
+    every saved example must be what transformers' own call gives for that example alone: the
+    prompt with its BOS, then the description and EOS, cut at max_length, labels -100 on the prompt."""
+    from transformers import AutoTokenizer
+    model, fmt = load_params("model", "format", path=pipeline_repo / "params.yaml")
+    tokenizer = AutoTokenizer.from_pretrained(pipeline_repo / model.name)
+    data = load_formatted(pipeline_repo / "data/formatted")
+    checked = 0
+    for split in ("train", "val", "test"):
+        for row in data[split]:
+            prompt = tokenizer(build_prompt(tokenizer, row["question"], fmt.style), split_special_tokens=True)["input_ids"]
+            answer = tokenizer(row["content"][:fmt.text_cap()], add_special_tokens=False,
+                               split_special_tokens=True)["input_ids"] + [tokenizer.eos_token_id]
+            ids = (prompt + answer)[:fmt.max_length]
+            assert row["input_ids"] == ids, row["uid"]
+            assert row["completion_mask"] == [0] * len(prompt) + [1] * (len(ids) - len(prompt)), row["uid"]
+            assert row["labels"] == [-100] * len(prompt) + ids[len(prompt):], row["uid"]
+            checked += 1
+    assert checked == sum(json.loads((pipeline_repo / "metrics/format.json").read_text())[s]["examples"]
+                          for s in ("train", "val", "test")) > 2000

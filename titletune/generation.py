@@ -3,8 +3,6 @@ scoring of the reference answers (evaluate, scripts/ask.py, benchmarks/generatio
 """
 from __future__ import annotations
 
-import zlib
-
 import torch
 from torch.nn.utils.rnn import pad_sequence
 from tqdm import tqdm
@@ -85,14 +83,6 @@ def generation_kwargs(ep) -> dict:
     if ep.do_sample:
         kwargs.update(temperature=ep.temperature, top_p=ep.top_p)
     return kwargs
-
-
-def select_examples(test, max_samples: int):
-    """The first max_samples test examples in a fixed pseudo-random order (crc32 of uid), so the
-    sample is the same whatever the row order of the split, and spread over the whole split."""
-    uids = test["uid"]
-    order = sorted(range(len(uids)), key=lambda i: (zlib.crc32(uids[i].encode("utf-8")), uids[i]))
-    return test.select(order[:max_samples] if max_samples > 0 else order)
 
 
 def prompt_ids(examples) -> list[list[int]]:

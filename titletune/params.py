@@ -148,6 +148,8 @@ class Train(Section):
     tokens_per_step: Count
     # N > 0: stop once the validation loss has not improved for N evaluations; keep the best checkpoint.
     early_stopping_patience: Count
+    # Validation examples evaluated every eval_steps (a fixed sample, titletune.splits); 0 = all.
+    val_samples: Count
     # SFTConfig's own names from here on (see training.sft_config).
     per_device_train_batch_size: Size
     gradient_accumulation_steps: Size

@@ -1,38 +1,31 @@
-"""LoRA / QLoRA training with Unsloth and TRL: the SFTConfig, the adapter, resuming, measuring.
+"""LoRA / QLoRA training with Unsloth and TRL: the SFTConfig, the adapter, the losses, measuring.
 
 sft_config passes the train params that carry SFTConfig's own names straight through (SFT_KEYS)
-and adds what the hardware decides (hardware_settings: precision, `optim: auto`). Checkpoints
-go to .titletune/checkpoints/<run fingerprint>/ (git- and dvc-ignored, no DVC output): a killed run
-resumes from the last one if the params and the data are still the same (run_fingerprint), else
-it starts over.
+and adds what the hardware decides (hardware_settings: precision, `optim: auto`), the batching
+(titletune.batching) and early stopping (titletune.early_stopping). Resuming a killed run:
+titletune.resuming; the per-step loss log and plot: titletune.loss_log.
 """
 from __future__ import annotations
 
 import unsloth  # noqa: F401  (first: it patches transformers, TRL and PEFT; see titletune.modeling)
 from unsloth import FastLanguageModel
 
-import csv
 import difflib
-import hashlib
 import json
-import shutil
 import time
 from pathlib import Path
 
 import torch
-from transformers import EarlyStoppingCallback
 from trl import SFTConfig
 
 from titletune.batching import batching_args, tokens_per_optimizer_step
 from titletune.cli import UserError, atomic_path, write_json
+from titletune.early_stopping import early_stopping_args
 from titletune.launch import is_rank0
 from titletune.profiling import Throughput, peak_memory_gb
+from titletune.resuming import LOSS_BEFORE, checkpoint_dir
+from titletune.splits import select_examples
 
-# Trainer checkpoints of the run in progress, in a folder named after its fingerprint, outside
-# every DVC output: DVC never saves a stage with a `persist` output to its run-cache, and the
-# train stage must be cacheable (`dvc push --run-cache` shares a finished run with the team).
-CHECKPOINT_DIR = Path(".titletune/checkpoints")
-LOSS_BEFORE = "loss_before.json"  # in the run's folder: the losses before training, for a resumed run
 LOSS_SUBSET = 256  # examples used to measure train loss before/after (the full train set is too slow)
 # train params that are SFTConfig arguments of the same name and meaning
 # (batch size, packing and padding-free are decided by titletune.batching)
@@ -86,50 +79,6 @@ def sft_config(tp, max_length: int, hw: dict, world_size: int, output_dir: Path)
     )
 
 
-# ---------------------------------------------------------------- early stopping
-
-def early_stopping_args(tp) -> dict:
-    """With train.early_stopping_patience: keep the checkpoint of the lowest validation loss and
-    load it when training ends (the trainer evaluates a dict of sets: the split `val` is
-    eval_val_loss). params checks that save_steps is a multiple of eval_steps."""
-    if not tp.early_stopping_patience:
-        return {}
-    return {"load_best_model_at_end": True, "metric_for_best_model": "eval_val_loss", "greater_is_better": False}
-
-
-class ValLossEarlyStopping(EarlyStoppingCallback):
-    """transformers' EarlyStoppingCallback on the validation split alone: the trainer evaluates a
-    dict of sets and calls on_evaluate once per set; the other set (train_subset) has no
-    eval_val_loss, and transformers' callback would warn for it that early stopping is disabled."""
-
-    def on_evaluate(self, args, state, control, metrics, **kwargs):
-        if args.metric_for_best_model in metrics:
-            super().on_evaluate(args, state, control, metrics, **kwargs)
-
-
-def early_stopping_callbacks(tp) -> list:
-    """transformers' own EarlyStoppingCallback, or nothing (train.early_stopping_patience 0)."""
-    return [ValLossEarlyStopping(early_stopping_patience=tp.early_stopping_patience)] \
-        if tp.early_stopping_patience else []
-
-
-def stopping_metrics(trainer, log_history: list[dict], tp) -> dict:
-    """Why training stopped and which step's adapter is kept (metrics/train.json). Call it when
-    training has ended, before any other evaluation (losses() would count as one more evaluation
-    without improvement); log_history: the trainer's at that point."""
-    stopper = next((cb for cb in trainer.callback_handler.callbacks if isinstance(cb, EarlyStoppingCallback)), None)
-    stopped = bool(stopper) and stopper.early_stopping_patience_counter >= stopper.early_stopping_patience \
-        and trainer.state.global_step < trainer.state.max_steps   # at max_steps it ends anyway
-    best_step = best_val_loss = None
-    if stopper and trainer.state.best_model_checkpoint:
-        best_step = int(Path(trainer.state.best_model_checkpoint).name.rsplit("-", 1)[1])
-        best_val_loss = next((e["eval_val_loss"] for e in log_history
-                              if e.get("step") == best_step and "eval_val_loss" in e), None)
-    reason = (f"early stopping: the validation loss did not improve for {tp.early_stopping_patience} evaluations"
-              if stopped else "max_steps" if tp.max_steps > 0 else "num_train_epochs")
-    return {"stopped_early": stopped, "stop_reason": reason, "best_step": best_step, "best_val_loss": best_val_loss}
-
-
 def fit_packed_rows(model, tp) -> None:
     """Let a packed row hold the whole token budget. Unsloth caps packed rows at the max_seq_length
     the model was loaded with (format.max_length: the longest document, which RoPE is sized for;
@@ -139,13 +88,14 @@ def fit_packed_rows(model, tp) -> None:
         model.max_seq_length = max(model.max_seq_length, tp.tokens_per_step)
 
 
-def train_val_sets(data, data_dir: Path):
-    """The formatted train and val splits, as the trainer takes them (token ids and loss mask)."""
-    columns = ["input_ids", "completion_mask"]
-    train_set, val_set = data["train"].select_columns(columns), data["val"].select_columns(columns)
-    if len(val_set) == 0:
+def train_val_sets(data, data_dir: Path, val_samples: int):
+    """The formatted train split and train.val_samples examples of the val split, as the trainer
+    takes them: token ids and labels (-100 on the prompt), built by tokenize-format."""
+    columns = ["input_ids", "labels"]
+    if len(data["val"]) == 0:
         raise UserError(f"{data_dir}: the validation split is empty; raise preprocess.val_fraction")
-    return train_set, val_set
+    val_set = select_examples(data["val"], val_samples).select_columns(columns)
+    return data["train"].select_columns(columns), val_set
 
 
 def add_lora(model, tp):
@@ -154,53 +104,6 @@ def add_lora(model, tp):
         model, r=tp.lora_r, lora_alpha=tp.lora_alpha, lora_dropout=tp.lora_dropout,
         target_modules=list(tp.target_modules), bias="none",
         use_gradient_checkpointing=tp.gradient_checkpointing, random_state=tp.seed)
-
-
-# ---------------------------------------------------------------- resume
-
-def run_fingerprint(sections: dict, train_set) -> str:
-    """What a checkpoint must match to be resumed: the params ({name: section}) and the data."""
-    params = {name: section.model_dump() for name, section in sections.items()}
-    blob = json.dumps({"params": params, "data": train_set._fingerprint}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()
-
-
-def checkpoint_dir(fingerprint: str) -> Path:
-    """The folder of one run's checkpoints (the trainer's output_dir)."""
-    return CHECKPOINT_DIR / fingerprint
-
-
-def resumable_checkpoint(fingerprint: str) -> bool:
-    """True when this run's folder holds a complete checkpoint. The folders of other runs (killed
-    with other params or data) are removed: checkpoints can be large, and only an unchanged run
-    resumes, so at most one interrupted run is kept."""
-    run_dir = checkpoint_dir(fingerprint)
-    for other in CHECKPOINT_DIR.glob("*"):
-        if other != run_dir:
-            shutil.rmtree(other) if other.is_dir() else other.unlink()
-    for ckpt in run_dir.glob("checkpoint-*"):
-        if not (ckpt / "trainer_state.json").is_file():
-            shutil.rmtree(ckpt)  # cut short while being saved (its state file is written last)
-    if any(run_dir.glob("checkpoint-*")):
-        return True
-    if run_dir.exists():
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True)
-    return False
-
-
-def resume_decision(fingerprint: str, world_size: int) -> bool:
-    """Rank 0 keeps or clears the checkpoints; under torchrun every rank then sees its choice."""
-    resume = resumable_checkpoint(fingerprint) if is_rank0() else False
-    if world_size > 1:
-        torch.distributed.barrier()  # rank 0 has cleared or kept the checkpoints
-        resume = any(checkpoint_dir(fingerprint).glob("checkpoint-*"))
-    return resume
-
-
-def clear_checkpoints(fingerprint: str) -> None:
-    """After a finished run: its checkpoints are no longer needed (the adapter is the result)."""
-    shutil.rmtree(checkpoint_dir(fingerprint), ignore_errors=True)
 
 
 # ---------------------------------------------------------------- measuring
@@ -291,39 +194,3 @@ def save_adapter(model, tokenizer, adapter_dir: Path, base_model: str) -> None:
         tokenizer.save_pretrained(tmp)
 
 
-def step_rows(log_history: list[dict]) -> list[dict]:
-    """Per-step (train_loss, val_loss, learning_rate) rows from the trainer's log history,
-    which a resumed run restores from its checkpoint."""
-    rows: dict[int, dict] = {}
-    for entry in log_history:
-        row = rows.setdefault(entry.get("step", 0), {"step": entry.get("step", 0)})
-        if "loss" in entry:
-            row["train_loss"], row["learning_rate"] = entry["loss"], entry.get("learning_rate")
-        if "eval_val_loss" in entry:
-            row["val_loss"] = entry["eval_val_loss"]
-    return [rows[s] for s in sorted(rows) if len(rows[s]) > 1]
-
-
-def write_step_log(rows: list[dict], csv_path: Path, png_path: Path) -> None:
-    """The per-step losses as CSV (DVC plots) and as a PNG."""
-    fields = ["step", "train_loss", "val_loss", "learning_rate"]
-    with atomic_path(csv_path) as tmp, open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: row.get(k, "") for k in fields})
-
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for key, label in (("train_loss", "train"), ("val_loss", "validation")):
-        pts = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
-        if pts:
-            ax.plot(*zip(*pts), marker="o" if key == "val_loss" else None, label=label)
-    ax.set(xlabel="step", ylabel="loss (completion tokens)", title="titletune: training loss")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    with atomic_path(png_path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
-    plt.close(fig)

@@ -39,8 +39,8 @@ COLUMNS = {"question": Value("string"), "prompt": Value("string"),
            "full_length": Value("int32"), "truncated": Value("bool"), "cut": Value("bool"),
            "prompt_only": Value("bool")}
 STATS = ["full_length", "truncated", "cut", "prompt_only"]  # for the metrics only: not saved
-# A second process is worth starting from one map batch (1,000 records) of work for it.
-PARALLEL_FROM = 2_000
+# From one map batch (1,000 records) on, a second process has work of its own.
+PARALLEL_FROM = 1_000
 
 
 def pin_fingerprints(saved: Path) -> None:

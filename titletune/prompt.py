@@ -62,14 +62,17 @@ def encode_text(tokenizer, texts: list[str]) -> list[list[int]]:
     return token_ids(tokenizer, texts, split_special_tokens=True)
 
 
-def encode_prompts(tokenizer, questions: list[str], style: str) -> list[list[int]]:
+def encode_prompts(tokenizer, questions: list[str], style: str,
+                   prompts: list[str] | None = None) -> list[list[int]]:
     """The token ids of build_prompt's prompt around each question, as training, evaluation and
-    `ask` see them. The question is user text (encode_text): only the template's own special
-    tokens are special. `instruction`: our template has none, so the whole prompt is encoded as
-    text, plus the BOS the tokenizer adds. `chat`: the chat template writes its own BOS and role
-    markers; a question with a special-token string in it is encoded on its own, as text, between
-    the template's pieces (any other, as the whole prompt: the same ids, and what it always was)."""
-    prompts = [build_prompt(tokenizer, q, style) for q in questions]
+    `ask` see them (`prompts`: those prompts, where the caller has built them already). The
+    question is user text (encode_text): only the template's own special tokens are special.
+    `instruction`: our template has none, so the whole prompt is encoded as text, plus the BOS the
+    tokenizer adds. `chat`: the chat template writes its own BOS and role markers; a question with
+    a special-token string in it is encoded on its own, as text, between the template's pieces
+    (any other, as the whole prompt: the same ids, and what it always was)."""
+    if prompts is None:
+        prompts = [build_prompt(tokenizer, q, style) for q in questions]
     if style == "instruction":
         return token_ids(tokenizer, prompts, add_special_tokens=True, split_special_tokens=True)
     ids = token_ids(tokenizer, prompts)
@@ -99,7 +102,7 @@ def format_batch(batch: dict, tokenizer, fmt) -> dict:
     titles = [title[:cap] for title in batch["title"]]
     questions = [pick_question(fmt.questions, uid).format(title=title) for uid, title in zip(batch["uid"], titles)]
     prompts = [build_prompt(tokenizer, q, fmt.style) for q in questions]
-    prompt_ids = encode_prompts(tokenizer, questions, fmt.style)
+    prompt_ids = encode_prompts(tokenizer, questions, fmt.style, prompts)
     completion_ids = [ids + [tokenizer.eos_token_id]
                       for ids in encode_text(tokenizer, [content[:cap] for content in batch["content"]])]
     input_ids, masks, labels, lengths, truncated, prompt_only = [], [], [], [], [], []

@@ -4,7 +4,7 @@
     python benchmarks/generation_speed.py --shape llama-3.2-1b    # GPU: random-init Llama-3.2-1B shape, bf16
 
 Same model, same prompts, same number of new tokens for both paths:
-  evaluate   titletune.generation.generate() (the evaluate stage's): batches, left padding, KV cache
+  evaluate   titletune.generation.engine.generate() (the evaluate stage's): batches, left padding, KV cache
   seed loop  one prompt at a time, model.generate(use_cache=False): every new token re-runs the text
 Greedy, and end-of-sequence is held off (min_new_tokens = max_new_tokens) so that both generate
 exactly --new-tokens tokens per prompt. Each path runs once untimed first (warm-up), then both
@@ -28,10 +28,10 @@ import torch
 from tqdm import tqdm
 
 from titletune.cli import UserError, run_main
-from titletune.generation import generate, prompt_ids
-from titletune.splits import select_examples
+from titletune.generation.engine import generate, prompt_ids
 from titletune.modeling import load_formatted, load_model, load_tuned_model
 from titletune.params import load_params
+from titletune.splits import select_examples
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -98,8 +98,8 @@ def stage_case(case: dict, data: Path, workdir: Path) -> dict:
 def harness_case(case: dict, data: Path) -> dict:
     """Our modules without the stage around them: no evaluation, checkpoints or MLflow."""
     from titletune.modeling import load_formatted, load_model  # imports unsloth first
-    from titletune import attention, training
-    from titletune.profiling import Throughput, peak_memory_gb, profile_callbacks
+    from titletune.training import attention, sft as training
+    from titletune.training.profiling import Throughput, peak_memory_gb, profile_callbacks
     from trl import SFTTrainer
     from titletune.params import Model
     tp = training_params(case)
@@ -126,7 +126,7 @@ def hf_case(case: dict, data: Path) -> dict:
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
     from trl import SFTConfig, SFTTrainer
-    from titletune.profiling import Throughput, peak_memory_gb
+    from titletune.training.profiling import Throughput, peak_memory_gb
     path = MODELS / case["shape"]
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                bnb_4bit_compute_dtype=torch.bfloat16) if case["quant"] == "4bit" else None

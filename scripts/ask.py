@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from titletune.cli import run_main
-from titletune.generation import generation_kwargs
+from titletune.generation.engine import generation_kwargs
 from titletune.modeling import load_model, load_tuned_model, unsloth
 from titletune.params import load_params
 from titletune.prompt import encode_prompts

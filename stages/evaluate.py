@@ -3,9 +3,9 @@
     python stages/evaluate.py data/formatted models/adapter metrics
 
 Reads params `model`, `format` and `evaluate`. Both models answer the same test questions
-(titletune.generation: batched, left padding, KV cache; greedy unless evaluate.do_sample) and
+(titletune.generation.engine: batched, left padding, KV cache; greedy unless evaluate.do_sample) and
 score the reference descriptions (teacher-forced NLL and perplexity of the completion tokens);
-titletune.metrics scores them. Writes, in the metrics folder:
+titletune.generation.metrics scores them. Writes, in the metrics folder:
     eval.json           {base: {...}, tuned: {...}, delta: tuned - base}   (DVC metrics)
     eval_samples.jsonl  title, question, reference and both answers, one test example a line
     eval_compare.png    base vs tuned, one pair of bars per metric
@@ -25,9 +25,9 @@ from pathlib import Path
 import torch
 
 from titletune.cli import UserError, atomic_path, run_main, write_json
-from titletune.generation import (SAMPLING_SEED, eos_token_ids, generate, generation_kwargs, prompt_ids,
-                                  reference_nll, until_eos)
-from titletune.metrics import delta, score
+from titletune.generation.engine import (SAMPLING_SEED, eos_token_ids, generate, generation_kwargs, prompt_ids,
+                                         reference_nll, until_eos)
+from titletune.generation.metrics import delta, score
 from titletune.modeling import load_formatted, load_tuned_model, unsloth
 from titletune.params import load_params
 from titletune.splits import select_examples

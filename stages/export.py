@@ -5,7 +5,7 @@ after checking that it answers like base + adapter (the parity gate).
 
 Reads params `model`, `format` (max_length, style) and `export`; writes models/merged (safetensors,
 tokenizer, a chat template that writes the training prompt, generation_config.json whose EOS ends
-the answers: titletune.exporting), which loads with `AutoModelForCausalLM.from_pretrained`, without
+the answers: titletune.export.merge), which loads with `AutoModelForCausalLM.from_pretrained`, without
 PEFT or Unsloth, for serving or sharing, and metrics/export.json (the parity figures).
 
 `export.dtype: auto` keeps the dtype base + adapter computes in (titletune.modeling.compute_dtype:
@@ -28,8 +28,8 @@ import sys
 from pathlib import Path
 
 from titletune.cli import UserError, atomic_path, run_main, write_json
-from titletune.exporting import compare, parity_problems, set_chat_template, set_generation_eos
-from titletune.generation import eos_token_ids, generate, prompt_ids, reference_nll, until_eos
+from titletune.export.merge import compare, parity_problems, set_chat_template, set_generation_eos
+from titletune.generation.engine import eos_token_ids, generate, prompt_ids, reference_nll, until_eos
 from titletune.modeling import load_formatted, load_tuned_model
 from titletune.params import load_params
 from titletune.splits import select_examples

@@ -5,9 +5,9 @@
 Reads params `preprocess`; writes OUT_DIR/{train,val,test}.parquet, OUT_DIR/bad_lines.txt (the
 malformed lines) and METRICS_JSON (every input record is either written or counted under one
 reason). Per record: validate (uid/title/content present and strings), clean and filter
-(titletune.cleaning), then drop repeated uids and repeated title+content pairs (the first one
+(titletune.data.cleaning), then drop repeated uids and repeated title+content pairs (the first one
 in the file wins) and split by a hash of split_salt+uid, so a record lands in the same split
-whatever the order or size of the input (titletune.corpus).
+whatever the order or size of the input (titletune.data.corpus).
 
 Full size (2.25 M records) in bounded memory: the file is cut into ~32 MB blocks of whole
 lines; threads parse, clean, filter and hash them; the main thread takes the blocks back in
@@ -32,10 +32,10 @@ import numpy as np
 import pyarrow as pa
 from tqdm import tqdm
 
-from titletune.cleaning import REASONS, clean_table, drop_reasons
 from titletune.cli import UserError, atomic_path, run_main, write_json
-from titletune.corpus import (FIELDS, MAX_REPORTED, SPLITS, Seen, SplitWriter, pair_hash, parse_fast,
-                              parse_slow, plan_blocks, smallest, split_of, uid_hash)
+from titletune.data.cleaning import REASONS, clean_table, drop_reasons
+from titletune.data.corpus import (FIELDS, MAX_REPORTED, SPLITS, Seen, SplitWriter, pair_hash, parse_fast,
+                                   parse_slow, plan_blocks, smallest, split_of, uid_hash)
 from titletune.params import load_params
 
 

@@ -11,9 +11,9 @@ reached and which checkpoint is kept; the MLflow run then ends KILLED (FAILED on
 The same code runs on CPU (the embedded tiny model), one GPU and N GPUs: with `train.gpus` > 1
 it relaunches itself under torchrun (DDP); only rank 0 writes files and MLflow records.
 """
-from titletune.training import (Throughput, add_lora, check_names, eval_sets,  # first: imports Unsloth
-                                fit_packed_rows, hardware_settings, losses, losses_before, rank_step_times,
-                                run_metrics, save_adapter, sft_config, timed_train, train_val_sets)
+from titletune.training.sft import (Throughput, add_lora, check_names, eval_sets,  # first: imports Unsloth
+                                    fit_packed_rows, hardware_settings, losses, losses_before, rank_step_times,
+                                    run_metrics, save_adapter, sft_config, timed_train, train_val_sets)
 
 import os
 import subprocess
@@ -23,16 +23,16 @@ from pathlib import Path
 import torch
 from trl import SFTTrainer
 
-from titletune.attention import install_varlen_compat
 from titletune.cli import EXIT_INTERRUPTED, Interrupted, run_main, write_json, writing
-from titletune.early_stopping import early_stopping_callbacks, stopping_metrics
-from titletune.launch import is_rank0, launch_command, local_rank, resolve_gpus, world_size
-from titletune.loss_log import step_rows, write_step_log
 from titletune.modeling import load_formatted, load_model
 from titletune.params import load_params
-from titletune.profiling import profile_callbacks
-from titletune.resuming import checkpoint_dir, clear_checkpoints, resume_decision, run_fingerprint
 from titletune.tracking import ended_if_failed, finish_training_run, start_training_run
+from titletune.training.attention import install_varlen_compat
+from titletune.training.early_stopping import early_stopping_callbacks, stopping_metrics
+from titletune.training.launch import is_rank0, launch_command, local_rank, resolve_gpus, world_size
+from titletune.training.loss_log import step_rows, write_step_log
+from titletune.training.profiling import profile_callbacks
+from titletune.training.resuming import checkpoint_dir, clear_checkpoints, resume_decision, run_fingerprint
 
 
 def relaunch(n_gpus: int) -> None:

@@ -1,12 +1,12 @@
-"""titletune/attention.py: attention-path selection (CPU) and the torch 2.11 varlen layer (GPU)."""
+"""titletune/training/attention.py: attention-path selection (CPU) and the torch 2.11 varlen layer (GPU)."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from titletune import attention
-from titletune.attention import (CPU_SDPA, DENSE_SDPA, PER_DOCUMENT, VARLEN, VARLEN_COMPAT, choose_path,
-                                 varlen_support, without_enable_gqa)
+from titletune.training import attention
+from titletune.training.attention import (CPU_SDPA, DENSE_SDPA, PER_DOCUMENT, VARLEN, VARLEN_COMPAT, choose_path,
+                                          varlen_support, without_enable_gqa)
 
 
 # Signatures of torch.nn.attention.varlen.varlen_attn across releases.

@@ -1,11 +1,11 @@
-"""titletune/batching.py: a token budget or an example count becomes SFTConfig batching arguments."""
+"""titletune/training/batching.py: a token budget or an example count becomes SFTConfig batching arguments."""
 from __future__ import annotations
 
 import pytest
 
-from titletune.batching import batching_args, tokens_per_optimizer_step
 from titletune.cli import UserError
 from titletune.params import load_params
+from titletune.training.batching import batching_args, tokens_per_optimizer_step
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""titletune/cleaning.py: each cleaning rule as input -> expected output, through clean_table (the
+"""titletune/data/cleaning.py: each cleaning rule as input -> expected output, through clean_table (the
 one implementation, the one preprocess runs), and the filters."""
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import re
 import pyarrow as pa
 import pytest
 
-from titletune.cleaning import REASONS, clean_table, drop_reasons
-from titletune.corpus import SCHEMA
+from titletune.data.cleaning import REASONS, clean_table, drop_reasons
+from titletune.data.corpus import SCHEMA
 from titletune.params import load_params
 from titletune.testing import ROOT
 

@@ -1,4 +1,4 @@
-"""titletune/corpus.py: parsing blocks, naming bad lines, hashing, the split, de-duplication keys,
+"""titletune/data/corpus.py: parsing blocks, naming bad lines, hashing, the split, de-duplication keys,
 block planning and the Parquet writer."""
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from titletune import corpus
-from titletune.corpus import (SCHEMA, Seen, SplitWriter, check_line, pair_hash, parse_fast, parse_slow, plan_blocks,
-                              split_of, uid_hash)
+from titletune.data import corpus
+from titletune.data.corpus import (SCHEMA, Seen, SplitWriter, check_line, pair_hash, parse_fast, parse_slow, plan_blocks,
+                                   split_of, uid_hash)
 
 
 def jsonl(*records) -> bytes:

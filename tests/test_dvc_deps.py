@@ -43,6 +43,21 @@ def code_closure(script: str) -> set[str]:
     return seen
 
 
+PHASES = ["data", "training", "generation", "export"]  # the lifecycle, in order
+
+
+def test_no_import_climbs_to_a_later_phase():
+    """The shared base (titletune/*.py) imports no phase; a phase imports the base and earlier
+    phases only (data never imports training; export may use generation for its checks)."""
+    for path in ROOT.glob("titletune/**/*.py"):
+        rel = path.relative_to(ROOT).parts
+        rank = PHASES.index(rel[1]) if len(rel) > 2 else -1
+        for module in imported_modules(path):
+            parts = module.split(".")
+            if parts[0] == "titletune" and len(parts) > 1 and parts[1] in PHASES:
+                assert PHASES.index(parts[1]) <= rank, f"{path.relative_to(ROOT)} imports {module}"
+
+
 def stage_code_deps(stage: dict) -> set[str]:
     return {d for d in stage["deps"] if d.endswith(".py")}
 
@@ -63,9 +78,9 @@ def test_no_param_reaches_a_shell_command(name):
 
 
 def test_package_inits_hold_no_code():
-    """titletune/__init__.py and stages/__init__.py run with every import but are no dep of any
-    stage: they may hold a docstring only."""
-    for init in ("titletune/__init__.py", "stages/__init__.py"):
+    """The package __init__.py files (titletune's, its phases', stages') run with every import but
+    are no dep of any stage: they may hold a docstring only."""
+    for init in [*map(str, ROOT.glob("titletune/**/__init__.py")), "stages/__init__.py"]:
         body = ast.parse((ROOT / init).read_text()).body
         assert len(body) == 1 and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant), init
 

@@ -1,10 +1,10 @@
-"""titletune/early_stopping.py: the SFTConfig keys, the callback on a dict of eval sets, why training stopped."""
+"""titletune/training/early_stopping.py: the SFTConfig keys, the callback on a dict of eval sets, why training stopped."""
 from __future__ import annotations
 
 from types import SimpleNamespace as NS
 
-from titletune.early_stopping import early_stopping_args, early_stopping_callbacks, stopping_metrics
 from titletune.params import load_params
+from titletune.training.early_stopping import early_stopping_args, early_stopping_callbacks, stopping_metrics
 
 TRAIN = load_params("train")
 ON = TRAIN.model_copy(update=dict(early_stopping_patience=1, eval_steps=2, save_steps=2))

@@ -16,10 +16,10 @@ from titletune.testing import run, set_params
 MERGED_ANSWERS = """
 import json, sys
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from titletune.generation import generate, generation_kwargs, prompt_ids, until_eos
-from titletune.splits import select_examples
+from titletune.generation.engine import generate, generation_kwargs, prompt_ids, until_eos
 from titletune.modeling import load_formatted
 from titletune.params import load_params
+from titletune.splits import select_examples
 ep = load_params("evaluate")
 model = AutoModelForCausalLM.from_pretrained("models/merged").eval()
 tok = AutoTokenizer.from_pretrained("models/merged")
@@ -50,9 +50,9 @@ def test_export_merged_equals_base_plus_adapter(pipeline_repo):
 EOS_RUN = """
 import json, sys
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from titletune.generation import prompt_ids
-from titletune.splits import select_examples
+from titletune.generation.engine import prompt_ids
 from titletune.modeling import load_formatted
+from titletune.splits import select_examples
 MAX_NEW = int(sys.argv[1])
 model = AutoModelForCausalLM.from_pretrained("models/merged").eval()
 tok = AutoTokenizer.from_pretrained("models/merged")

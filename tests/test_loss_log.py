@@ -1,9 +1,9 @@
-"""titletune/loss_log.py: the per-step loss rows, CSV and plot."""
+"""titletune/training/loss_log.py: the per-step loss rows, CSV and plot."""
 from __future__ import annotations
 
 import csv
 
-from titletune.loss_log import step_rows, write_step_log
+from titletune.training.loss_log import step_rows, write_step_log
 
 HISTORY = [{"loss": 2.0, "learning_rate": 1e-3, "step": 2}, {"eval_val_loss": 1.9, "step": 2},
            {"eval_train_subset_loss": 1.8, "step": 2}, {"loss": 1.5, "learning_rate": 5e-4, "step": 4},

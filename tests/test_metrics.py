@@ -1,4 +1,4 @@
-"""titletune/metrics.py on tiny cases computed by hand (no model)."""
+"""titletune/generation/metrics.py on tiny cases computed by hand (no model)."""
 from __future__ import annotations
 
 import math
@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from titletune.metrics import (bleu, chrf, completion_nll, delta, is_degenerate, perplexity, repeated_ngram_share,
-                               rouge_l, score)
+from titletune.generation.metrics import (bleu, chrf, completion_nll, delta, is_degenerate, perplexity, repeated_ngram_share,
+                                          rouge_l, score)
 
 
 def test_rouge_l_by_hand():

@@ -14,8 +14,8 @@ import pytest
 import yaml
 
 from stages import preprocess as P
-from titletune import corpus
-from titletune.corpus import SPLITS, uid_hash
+from titletune.data import corpus
+from titletune.data.corpus import SPLITS, uid_hash
 from titletune.params import load_params
 from titletune.testing import ROOT, run
 

@@ -1,4 +1,4 @@
-"""titletune/profiling.py: steady-state throughput of the training steps, one profiled step."""
+"""titletune/training/profiling.py: steady-state throughput of the training steps, one profiled step."""
 from __future__ import annotations
 
 import time
@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import torch
 
-from titletune.profiling import Throughput, profile_callbacks
+from titletune.training.profiling import Throughput, profile_callbacks
 
 
 def steps(callbacks, n: int, tokens_per_step: int, seconds: float, work=None):

@@ -1,8 +1,8 @@
-"""titletune/resuming.py: which checkpoints a run resumes from, and which it clears."""
+"""titletune/training/resuming.py: which checkpoints a run resumes from, and which it clears."""
 from __future__ import annotations
 
 from titletune.params import load_params
-from titletune.resuming import CHECKPOINT_DIR, checkpoint_dir, resumable_checkpoint, run_fingerprint
+from titletune.training.resuming import CHECKPOINT_DIR, checkpoint_dir, resumable_checkpoint, run_fingerprint
 
 
 class Data:

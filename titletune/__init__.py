@@ -1,16 +1,20 @@
-"""titletune: the code the pipeline's stages run, one module per concern.
+"""titletune: the code the pipeline's stages run, arranged by the model's lifecycle.
 
-    cli        errors for the user (UserError, run_main), atomic output files
-    params     params.yaml as typed, range-checked sections
-    prompt     the prompt template and question rotation
-    modeling   Unsloth model and tokenizer loading (owns the `import unsloth` order)
-    tracking   MLflow: the store, the training run and its tags
-    cleaning   the text cleaning rules and filters of preprocess
-    corpus     parsing, hashing, splitting and writing the corpus (preprocess)
-    training   SFTConfig, LoRA, resume, throughput and the step log (train)
-    launch     data-parallel relaunch under torchrun (train)
-    generation batched generation and scoring passes (evaluate, ask)
-    metrics    ROUGE-L, BLEU, chrF, perplexity, degenerate answers (evaluate)
+Shared base (every phase may import these; they import no phase):
+    cli          errors for the user (UserError, run_main), atomic output files
+    params       params.yaml as typed, range-checked sections
+    prompt       the prompt template and question rotation
+    modeling     Unsloth model and tokenizer loading (owns the `import unsloth` order)
+    splits       fixed samples of a split by a hash of uid
+    tracking     MLflow: the store, the training run and its tags
+    testing      repo copies and fast params for tests and benchmarks (no stage imports it)
+
+Phases (a phase imports the base and earlier phases, never a later one):
+    data/        cleaning, corpus                          decompress, preprocess
+    training/    sft, batching, attention, resuming,       train
+                 early_stopping, loss_log, launch, profiling
+    generation/  engine, metrics                           evaluate, ask, predict
+    export/      merge                                     export
 
 The stage scripts in stages/ are thin commands over these modules, and dvc.yaml lists, for each
 stage, exactly the modules it imports: editing one re-runs only the stages that use it.

@@ -2,7 +2,7 @@
 
 Unsloth must be imported before transformers, TRL and PEFT: it patches them (and with Unsloth
 installed but not imported, TRL fails on CPU). `unsloth()` is that first import; every loader
-here and titletune.training go through it. Importing this module is cheap: Unsloth (~16 s) is
+here and titletune.training.sft go through it. Importing this module is cheap: Unsloth (~16 s) is
 imported only when a model is loaded, so tokenize-format, which needs a tokenizer alone, never
 pays for it.
 """

@@ -144,7 +144,7 @@ class Train(Section):
     lora_dropout: Fraction
     target_modules: Annotated[list[Text], Field(min_length=1), Allowed("a list of module names")]
     gradient_checkpointing: Annotated[Union[bool, Literal["unsloth"]], Allowed("false, true or unsloth")]
-    # 0: per_device_train_batch_size examples a step; N: packed rows of at most N tokens (titletune.batching).
+    # 0: per_device_train_batch_size examples a step; N: packed rows of at most N tokens (titletune.training.batching).
     tokens_per_step: Count
     # N > 0: stop once the validation loss has not improved for N evaluations; keep the best checkpoint.
     early_stopping_patience: Count
@@ -195,7 +195,7 @@ class Evaluate(Section):
 class Export(Section):
     dtype: Annotated[Literal["auto", "bfloat16", "float16", "float32"],
                      Allowed("auto, bfloat16, float16 or float32")]
-    # The parity gate (titletune.exporting): the merged model against base + adapter.
+    # The parity gate (titletune.export.merge): the merged model against base + adapter.
     parity_samples: Count  # test examples re-scored; 0 = no gate
     parity_max_new_tokens: Size
     parity_max_token_mismatch: number("a number in [0, 1]", ge=0, le=1)

@@ -1,6 +1,6 @@
-"""titletune/training.py: the SFTConfig from params, LoRA on the model, the saved adapter.
+"""titletune/training/sft.py: the SFTConfig from params, LoRA on the model, the saved adapter.
 
-Importing titletune.training imports Unsloth (~16 s, and it patches transformers for the whole
+Importing titletune.training.sft imports Unsloth (~16 s, and it patches transformers for the whole
 process), so these checks run in one subprocess.
 """
 from __future__ import annotations
@@ -14,7 +14,7 @@ from titletune.testing import ENV, run
 
 TRAIN_AND_RELOAD = """
 import json, sys, torch
-from titletune import training  # imports unsloth first
+from titletune.training import sft as training  # imports unsloth first
 from peft import PeftModel
 from trl import SFTTrainer
 from titletune.modeling import load_formatted, load_model

@@ -1,4 +1,4 @@
-"""titletune/exporting.py: what the merged model's folder carries (chat template, EOS) and the
+"""titletune/export/merge.py: what the merged model's folder carries (chat template, EOS) and the
 parity comparison with base + adapter (pure functions; the stage itself: tests/test_export.py)."""
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from types import SimpleNamespace
 import pytest
 
 from titletune.cli import UserError
-from titletune.exporting import (compare, parity_problems, set_generation_eos, token_mismatch,
-                                 training_chat_template)
+from titletune.export.merge import (compare, parity_problems, set_generation_eos, token_mismatch,
+                                    training_chat_template)
 from titletune.prompt import build_prompt, encode_prompts
 from titletune.testing import ROOT
 

@@ -2,8 +2,8 @@
 
 sft_config passes the train params that carry SFTConfig's own names straight through (SFT_KEYS)
 and adds what the hardware decides (hardware_settings: precision, `optim: auto`), the batching
-(titletune.batching) and early stopping (titletune.early_stopping). Resuming a killed run:
-titletune.resuming; the per-step loss log and plot: titletune.loss_log.
+(titletune.training.batching) and early stopping (titletune.training.early_stopping). Resuming a killed run:
+titletune.training.resuming; the per-step loss log and plot: titletune.training.loss_log.
 """
 from __future__ import annotations
 
@@ -18,17 +18,17 @@ from pathlib import Path
 import torch
 from trl import SFTConfig
 
-from titletune.batching import batching_args, tokens_per_optimizer_step
 from titletune.cli import UserError, atomic_path, write_json
-from titletune.early_stopping import early_stopping_args
-from titletune.launch import is_rank0
-from titletune.profiling import Throughput, peak_memory_gb
-from titletune.resuming import LOSS_BEFORE, checkpoint_dir
 from titletune.splits import select_examples
+from titletune.training.batching import batching_args, tokens_per_optimizer_step
+from titletune.training.early_stopping import early_stopping_args
+from titletune.training.launch import is_rank0
+from titletune.training.profiling import Throughput, peak_memory_gb
+from titletune.training.resuming import LOSS_BEFORE, checkpoint_dir
 
 LOSS_SUBSET = 256  # examples used to measure train loss before/after (the full train set is too slow)
 # train params that are SFTConfig arguments of the same name and meaning
-# (batch size, packing and padding-free are decided by titletune.batching)
+# (batch size, packing and padding-free are decided by titletune.training.batching)
 SFT_KEYS = ("gradient_accumulation_steps", "learning_rate", "lr_scheduler_type", "warmup_steps", "weight_decay",
             "num_train_epochs", "seed", "eval_steps", "logging_steps", "save_steps", "save_total_limit")
 
@@ -164,7 +164,7 @@ def run_metrics(trainer, before: dict, after: dict, runtime: float, throughput: 
         "tokens_per_s_overall": trainer.state.num_input_tokens_seen / runtime,
         "real_tokens_per_step": throughput.tokens / throughput.steps if throughput.steps else 0.0,
         "peak_memory_gb": peak_memory_gb(),
-        "attention": attention,  # the kernel padding-free rows ran on (titletune.attention)
+        "attention": attention,  # the kernel padding-free rows ran on (titletune.training.attention)
         "tokens_per_step": tp.tokens_per_step,  # 0: examples per step, below
         # Rows (token budget) or examples per optimizer step, all ranks.
         "effective_batch_size": trainer.args.per_device_train_batch_size * tp.gradient_accumulation_steps * world_size,

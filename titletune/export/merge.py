@@ -9,7 +9,7 @@ model outside this pipeline, and the parity gate that checks it does.
 - generation_config.json: its eos_token_id includes the EOS every training completion ended with
   (the tokenizer's), and pad_token_id is set, so `generate()` stops on it without arguments.
 - Parity: greedy answers and per-token NLL of the merged model against base + adapter, computed
-  with titletune.generation's own generate / reference_nll (scores) and compared here (pure).
+  with titletune.generation.engine's own generate / reference_nll (scores) and compared here (pure).
 """
 from __future__ import annotations
 

@@ -7,7 +7,7 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 from tqdm import tqdm
 
-from titletune.metrics import completion_nll
+from titletune.generation.metrics import completion_nll
 
 SAMPLING_SEED = 0  # only matters with evaluate.do_sample: both models draw from the same seed
 

@@ -1,11 +1,11 @@
-"""titletune/generation.py: padding, batched generation order and caching, prompt ids
+"""titletune/generation/engine.py: padding, batched generation order and caching, prompt ids
 (a stand-in model, no weights)."""
 from __future__ import annotations
 
 import torch
 from datasets import Dataset
 
-from titletune.generation import generate, generation_kwargs, pad_batch, prompt_ids, until_eos
+from titletune.generation.engine import generate, generation_kwargs, pad_batch, prompt_ids, until_eos
 from titletune.params import load_params
 
 

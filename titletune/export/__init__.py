@@ -1,0 +1,1 @@
+"""Phase 4, shipping the model: the merged Hugging Face folder and its parity gate (export)."""

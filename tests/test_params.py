@@ -49,7 +49,6 @@ def test_the_committed_params_are_valid_and_typed():
     # positive rates and sizes
     ("train", "learning_rate", -1, "must be a number > 0"),
     ("train", "learning_rate", 0, "must be a number > 0"),
-    ("train", "lora_r", 0, "must be a whole number >= 1"),
     ("train", "per_device_train_batch_size", 0, "must be a whole number >= 1"),
     ("train", "gradient_accumulation_steps", -2, "must be a whole number >= 1"),
     ("train", "num_train_epochs", 0, "must be a number > 0"),
@@ -86,11 +85,16 @@ def test_the_committed_params_are_valid_and_typed():
     ("train", "per_device_train_batch_size", 8.5, "must be a whole number >= 1"),
     ("train", "learning_rate", "fast", "must be a number > 0"),
     ("train", "learning_rate", True, "must be a number > 0"),
-    ("train", "seed", "42", "must be a whole number >= 0"),
+    ("train", "seed", "42", "must be a whole number in [0, 4294967295]"),
     ("model", "load_in_4bit", "yes", "must be true or false"),
     ("evaluate", "do_sample", 1, "must be true or false"),
     ("model", "name", "", "must be a non-empty string"),
     ("train", "target_modules", [], "must be a list of module names"),
+    # runnable values only (#22): numpy and torch take 32-bit seeds; no model has a rank this wide
+    ("train", "seed", 2**32, "must be a whole number in [0, 4294967295]"),
+    ("train", "seed", -1, "must be a whole number in [0, 4294967295]"),
+    ("train", "lora_r", 10**9, "must be a whole number in [1, 16384]"),
+    ("train", "lora_r", 0, "must be a whole number in [1, 16384]"),
 ])
 def test_a_bad_value_is_one_line_with_key_value_and_range(tmp_path, section, key, value, allowed):
     # Checked whatever section a stage asks for: here `data`.
@@ -163,10 +167,37 @@ def test_a_renamed_train_key_names_its_new_name(tmp_path, old, new):
     ("What is {name}?", "must contain {title} and no other {...} placeholder"),
     ("What is {title} by {brand}?", "must contain {title} and no other {...} placeholder"),
     ("What is {title}? {", "must be a question with {title} (Single '{' encountered in format string)"),
+    # str.format would run these on every title: pad it to 200 MB, or fail (#22)
+    ("What is {title:>200000000}?", "must write the title as a bare {title}, without a format spec or conversion"),
+    ("What is {title:{title}}?", "must write the title as a bare {title}, without a format spec or conversion"),
+    ("What is {title!r}?", "must write the title as a bare {title}, without a format spec or conversion"),
+    ("What is {title[0]}?", "must contain {title} and no other {...} placeholder"),
+    ("What is {title.upper}?", "must contain {title} and no other {...} placeholder"),
 ])
 def test_each_question_has_title_and_no_other_placeholder(tmp_path, question, problem):
     path = with_value(tmp_path, "format", "questions", ["What is {title}?", question])
     assert error(path) == f'params.yaml: format.questions[1]: "{question}" is not allowed ({problem})'
+
+
+@pytest.mark.parametrize("section, key, value", [
+    ("train", "weight_decay", float("inf")), ("train", "learning_rate", float("nan")),
+    ("train", "num_train_epochs", float("inf")), ("evaluate", "temperature", float("inf")),
+    ("export", "parity_max_nll_diff", float("nan")), ("train", "learning_rate", "1e999")])
+def test_nan_and_infinity_are_not_numbers_here(tmp_path, section, key, value):
+    # YAML writes them .nan and .inf; "1e999" is a string that float() reads as inf
+    message = error(with_value(tmp_path, section, key, value))
+    assert message.startswith(f"params.yaml: {section}.{key}: ") and " is not allowed (must be a number" in message
+
+
+def test_a_duplicate_key_is_refused_with_both_lines(tmp_path):
+    """PyYAML keeps the last of two equal keys; DVC refuses the file: so does the check (#22)."""
+    text = (ROOT / "params.yaml").read_text()
+    path = tmp_path / "params.yaml"
+    path.write_text(text.replace("  seed: 42\n", "  seed: 42\n  lora_r: 8\n  seed: 7\n"))
+    first = text[:text.index("  seed: 42")].count("\n") + 1
+    assert error(path) == f"params.yaml: line {first + 2}: train.seed: duplicate key (also at line {first}); keep one"
+    path.write_text(text + "data:\n  source: x.json\n")                      # a whole section again
+    assert error(path).startswith(f"params.yaml: line {text.count(chr(10)) + 1}: data: duplicate key (also at line ")
 
 
 def test_questions_and_patterns_lists(tmp_path):
@@ -204,7 +235,7 @@ def test_several_problems_name_the_first_and_count_the_rest(tmp_path):
         p["train"].update(lora_r=0, learning_rate=-1)
         p["evaluate"]["batch_size"] = 0
     assert error(params_file(tmp_path, edit)) == \
-        "params.yaml: train.lora_r: 0 is not allowed (must be a whole number >= 1) (and 2 more)"
+        "params.yaml: train.lora_r: 0 is not allowed (must be a whole number in [1, 16384]) (and 2 more)"
 
 
 def test_unreadable_files(tmp_path):

@@ -35,6 +35,9 @@ PARAMS_FILE = Path("params.yaml")  # relative to the repository root, where DVC 
 # format.max_chars: auto: more characters than a token of any tokenizer spans on average (about 4
 # for English with Llama's), so the cut falls far beyond format.max_length tokens.
 CHARS_PER_TOKEN = 16
+MAX_SEED = 2**32 - 1
+# The widest hidden size of released LLMs (Llama 3.1 405B): no model has room for a larger LoRA rank.
+MAX_LORA_R = 16384
 # train keys renamed after their SFTConfig arguments: named in the error for an old params file.
 RENAMED = {"batch_size": "per_device_train_batch_size", "grad_accum": "gradient_accumulation_steps",
            "lr_scheduler": "lr_scheduler_type", "warmup_ratio": "warmup_steps", "optimizer": "optim",
@@ -56,7 +59,8 @@ def _number(value):
 
 
 def number(allowed: str, **bounds):
-    return Annotated[float, BeforeValidator(_number), Field(**bounds), Allowed(allowed)]
+    # .nan and .inf are YAML floats: no range holds them (an infinite weight decay trains to NaN).
+    return Annotated[float, BeforeValidator(_number), Field(allow_inf_nan=False, **bounds), Allowed(allowed)]
 
 
 def whole(allowed: str, **bounds):
@@ -73,11 +77,15 @@ def _regex(pattern: str) -> str:
 
 def _question(question: str) -> str:
     try:
-        names = {name for _, name, _, _ in string.Formatter().parse(question) if name is not None}
+        fields = [(name, spec, conversion) for _, name, spec, conversion in string.Formatter().parse(question)
+                  if name is not None]
     except ValueError as err:
         raise ValueError(f"must be a question with {{title}} ({err})") from None
-    if "title" not in names or names != {"title"}:
+    if {name for name, _, _ in fields} != {"title"}:
         raise ValueError("must contain {title} and no other {...} placeholder")
+    # str.format runs a spec: {title:>200000000} pads to 200 MB, {title:{title}} fails on every title.
+    if any(spec or conversion for _, spec, conversion in fields):
+        raise ValueError("must write the title as a bare {title}, without a format spec or conversion")
     return question
 
 
@@ -138,8 +146,9 @@ class Format(Section):
 
 class Train(Section):
     gpus: Annotated[Union[Literal["auto"], Annotated[int, Field(ge=0)]], Allowed("auto or a whole number >= 0")]
-    seed: Count
-    lora_r: Size
+    seed: whole(f"a whole number in [0, {MAX_SEED}]", ge=0, le=MAX_SEED)  # numpy's seeds are 32-bit
+    # At most MAX_LORA_R here; train also refuses a rank above the model's hidden size (full rank).
+    lora_r: whole(f"a whole number in [1, {MAX_LORA_R}]", ge=1, le=MAX_LORA_R)
     lora_alpha: Size
     lora_dropout: Fraction
     target_modules: Annotated[list[Text], Field(min_length=1), Allowed("a list of module names")]
@@ -223,9 +232,13 @@ def load_params(*sections: str, path: Path | str = PARAMS_FILE):
 def read_params(path: Path | str = PARAMS_FILE) -> Params:
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = read_yaml(path)
     except FileNotFoundError:
         raise UserError(f"{path}: not found (run the stages from the repository root)") from None
+    except IsADirectoryError:
+        raise UserError(f"{path}: is a directory, not a params file") from None
+    except UnicodeDecodeError as err:
+        raise UserError(f"{path}: not UTF-8 ({err.reason} at byte {err.start})") from None
     except yaml.YAMLError as err:
         raise UserError(f"{path}: not valid YAML: {' '.join(str(err).split())}") from None
     if not isinstance(raw, dict):
@@ -244,6 +257,35 @@ def read_params(path: Path | str = PARAMS_FILE) -> Params:
         lines = list(dict.fromkeys(_describe(problem) for problem in problems))
         more = f" (and {len(lines) - 1} more)" if len(lines) > 1 else ""
         raise UserError(f"{path.name}: {lines[0]}{more}") from None
+
+
+def read_yaml(path: Path):
+    """The YAML file's data; a key given twice in one mapping is an error naming both lines (PyYAML
+    keeps the last one silently, DVC refuses the file)."""
+    loader = yaml.SafeLoader(path.read_text(encoding="utf-8"))
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _refuse_duplicate_keys(path, node)
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def _refuse_duplicate_keys(path: Path, node, keys: tuple = ()) -> None:
+    if isinstance(node, yaml.MappingNode):
+        lines: dict = {}
+        for key, value in node.value:
+            where = ".".join(map(str, (*keys, key.value)))
+            if key.value in lines:
+                raise UserError(f"{path.name}: line {key.start_mark.line + 1}: {where}: duplicate key "
+                                f"(also at line {lines[key.value]}); keep one")
+            lines[key.value] = key.start_mark.line + 1
+            _refuse_duplicate_keys(path, value, (*keys, key.value))
+    elif isinstance(node, yaml.SequenceNode):
+        for item in node.value:
+            _refuse_duplicate_keys(path, item, keys)
 
 
 def _hint(name, choices) -> str:

@@ -10,7 +10,11 @@ SOURCE is `.json.gz`, plain `.json` (JSON lines), or the `.zip` the corpus ships
 the name. The file is streamed in large blocks (never held in memory) through ISA-L's gzip,
 several times faster than zlib, and checked to be UTF-8 on the way, so that a bad byte is reported
 here, with its line, rather than as a parse error later. A last line without its newline
-gets one.
+gets one; a leading byte order mark goes.
+
+Refused with one line: a folder or a device as the source, a zip with two members of one name
+(which one would be read?), an encrypted or unreadable zip member, a JSON array (not one record a
+line: convert it), and an output over MAX_EXPANSION times the source file (a zip or gzip bomb).
 """
 from __future__ import annotations
 
@@ -20,7 +24,7 @@ import sys
 import time
 import zipfile
 import zlib
-from collections import deque
+from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from pathlib import Path
@@ -34,6 +38,12 @@ from titletune.params import load_params
 
 BLOCK = 16 << 20          # bytes per read: big enough that Python overhead vanishes
 MAX_LINE = 64 << 20       # a longer "line" means the file is not JSON lines
+# A zip or gzip bomb guard: the output may be at most MAX_EXPANSION times the source file (the real
+# corpus is ~2x: 826 MB of trn.json.gz give 1.7 GB; JSON text rarely packs beyond 10x, a bomb packs
+# ~1000x: deflate's limit), or EXPANSION_FLOOR, so that a small file of repetitive lines passes.
+MAX_EXPANSION = 100
+EXPANSION_FLOOR = 64 << 20
+UTF8_BOM = b"\xef\xbb\xbf"
 GZIP_MAGIC = b"\x1f\x8b"
 ZIP_MAGIC = b"PK\x03\x04"
 # What a truncated or damaged archive raises, depending on where the damage is.
@@ -58,24 +68,50 @@ class _Counted(io.RawIOBase):
 
 def zip_member(zf: zipfile.ZipFile, src: Path) -> zipfile.ZipInfo:
     files = [m for m in zf.infolist() if not m.is_dir()]
-    for m in files:
-        if Path(m.filename).name == "trn.json.gz":
-            return m
+    names = Counter(m.filename for m in files)
+    twice = [name for name, n in names.items() if n > 1]
+    if twice:  # zipfile would silently read one of them
+        raise UserError(f"{src}: zip has {names[twice[0]]} members named {twice[0]}: cannot tell which one "
+                        "is the corpus; repack it with one")
+    member = next((m for m in files if Path(m.filename).name == "trn.json.gz"), None)
     data = [m for m in files if m.filename.endswith((".json", ".json.gz", ".jsonl"))]
-    if len(data) == 1:
-        return data[0]
-    raise UserError(f"{src}: zip has no member trn.json.gz and not exactly one .json/.json.gz "
-                    f"member; members: {[m.filename for m in files][:10]}")
+    if member is None and len(data) == 1:
+        member = data[0]
+    if member is None:
+        raise UserError(f"{src}: zip has no member trn.json.gz and not exactly one .json/.json.gz "
+                        f"member; members: {[m.filename for m in files][:10]}")
+    if member.flag_bits & 0x1:
+        raise UserError(f"{src}: zip member {member.filename} is encrypted; unpack it and point data.source at it")
+    if member.compress_type not in SUPPORTED_ZIP_METHODS:
+        raise UserError(f"{src}: zip member {member.filename} uses compression method {member.compress_type}, "
+                        "which Python's zipfile cannot read; repack it with deflate or store")
+    return member
+
+
+SUPPORTED_ZIP_METHODS = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA)
+
+
+def check_source(src: Path) -> None:
+    """data.source is a file (not a folder, not /dev/zero)."""
+    if src.is_dir():
+        raise UserError(f"{src}: is a directory, not a file (data.source in params.yaml names the corpus "
+                        "file: .json.gz, .json or .zip)")
+    if not src.exists():
+        raise UserError(f"{src}: not found (data.source in params.yaml)")
+    if not src.is_file():
+        raise UserError(f"{src}: not a regular file (data.source in params.yaml)")
 
 
 def open_source(src: Path, stack: ExitStack) -> tuple[io.IOBase, str, tqdm]:
     """The decompressed byte stream of src, what kind of file it is, and its progress bar."""
-    if not src.is_file():
-        raise UserError(f"{src}: not found (data.source in params.yaml)")
+    check_source(src)
     with open(src, "rb") as f:
         magic = f.read(4)
     if magic == ZIP_MAGIC:
-        zf = stack.enter_context(zipfile.ZipFile(src))
+        try:
+            zf = stack.enter_context(zipfile.ZipFile(src))
+        except (zipfile.BadZipFile, EOFError, OSError) as err:
+            raise UserError(f"{src}: truncated or corrupt zip file: {err}") from None
         member = zip_member(zf, src)
         raw, total = stack.enter_context(zf.open(member)), member.file_size
         kind = f"zip member {member.filename}"
@@ -109,6 +145,16 @@ def check_utf8(piece: bytes | memoryview, first_line: int, src: Path) -> None:
                             f"{piece[err.start:err.start + 1]!r}: {err.reason})") from None
 
 
+def check_start(block: bytes, src: Path) -> bytes:
+    """The first block, without a UTF-8 byte order mark (Windows editors write one, JSON has none);
+    a JSON array (`[{...}, ...]`, pretty-printed or not) is refused: it is not one record a line."""
+    block = block.removeprefix(UTF8_BOM)
+    if block.lstrip()[:1] == b"[":
+        raise UserError(f"{src}: a JSON array, not JSON lines (one record a line); convert it first, e.g. "
+                        f"`jq -c '.[]' {src.name} > trn.jsonl` (or json.load it and json.dumps each record a line)")
+    return block
+
+
 def copy_lines(stream, dst, src: Path, kind: str, bar: tqdm) -> tuple[int, int]:
     """Copy stream to dst in blocks, checking that it is UTF-8 lines; (lines, bytes) written.
     bar counts the bytes of src read so far (a damaged file is reported with them).
@@ -119,6 +165,7 @@ def copy_lines(stream, dst, src: Path, kind: str, bar: tqdm) -> tuple[int, int]:
     lines = size = 0
     tail = b""            # the start of a line that continues in the next block
     pending: deque = deque()
+    most = max(MAX_EXPANSION * src.stat().st_size, EXPANSION_FLOOR)
     with ThreadPoolExecutor(1) as writer:
         while True:
             try:
@@ -130,6 +177,11 @@ def copy_lines(stream, dst, src: Path, kind: str, bar: tqdm) -> tuple[int, int]:
                                 f"of its {bar.total:,} bytes{good})") from None
             if not block:
                 break
+            if size == 0:
+                block = check_start(block, src)
+            if size + len(block) > most:
+                raise UserError(f"{src}: expands to more than {MAX_EXPANSION} times its {src.stat().st_size:,} "
+                                f"bytes (a zip or gzip bomb?); the corpus expands about 2 times")
             # Check whole lines, so that no character is split: the tail of the previous
             # block with this block's first line, then the rest up to its last newline.
             first, cut = block.find(b"\n") + 1, block.rfind(b"\n") + 1
@@ -161,6 +213,8 @@ def main() -> None:
         raise UserError("usage: python stages/decompress.py [SOURCE] OUT  (SOURCE: params.yaml data.source)")
     src = Path(sys.argv[1] if len(sys.argv) == 3 else load_params("data").source)
     out = Path(sys.argv[-1])
+    if src.resolve() == out.resolve():
+        raise UserError(f"{src}: is the output of decompress itself; data.source names the corpus file")
     t0 = time.time()
     with ExitStack() as stack:
         stream, kind, bar = open_source(src, stack)

@@ -197,3 +197,64 @@ def test_a_source_named_like_a_command_is_only_a_name(repo):
     lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]["decompress"]
     assert name in [d["path"] for d in lock["deps"]]
     assert lock["params"]["params.yaml"] == {"data.source": name}
+
+
+# ---------------------------------------------------------------- hostile sources (#22)
+
+def test_a_directory_is_not_reported_missing(tmp_path):
+    (tmp_path / "corpus").mkdir()
+    fails(tmp_path / "corpus", "is a directory, not a file (data.source in params.yaml")
+
+
+def test_a_zip_with_two_members_of_one_name_is_refused(tmp_path):
+    src = tmp_path / "corpus.zip"
+    with pytest.warns(UserWarning, match="Duplicate name"), zipfile.ZipFile(src, "w") as z:
+        z.writestr("AmazonTitles-1.3MM/trn.json.gz", gzip.compress(jsonl(GOOD)))
+        z.writestr("AmazonTitles-1.3MM/trn.json.gz", gzip.compress(jsonl(GOOD[:1])))
+    fails(src, "zip has 2 members named AmazonTitles-1.3MM/trn.json.gz: cannot tell which one is the corpus")
+
+
+def test_an_encrypted_or_damaged_zip_is_one_line(tmp_path):
+    src = make("zip", tmp_path)
+    data = bytearray(src.read_bytes())
+    at = data.index(b"PK\x03\x04", 4)                    # the local header of trn.json.gz: mark it encrypted
+    data[at + 6] |= 0x1
+    at = data.index(b"PK\x01\x02", data.index(b"PK\x01\x02") + 1)   # and its central directory entry
+    data[at + 8] |= 0x1
+    src.write_bytes(bytes(data))
+    fails(src, "zip member AmazonTitles-1.3MM/trn.json.gz is encrypted")
+    src.write_bytes(b"PK\x03\x04 and nothing of a zip after it")
+    fails(src, "truncated or corrupt zip file: File is not a zip file")
+
+
+@pytest.mark.parametrize("indent", [2, None])
+def test_a_json_array_is_named_and_how_to_convert_it(tmp_path, indent):
+    src = tmp_path / "trn.json"
+    src.write_text(json.dumps(GOOD, indent=indent))
+    fails(src, "a JSON array, not JSON lines (one record a line); convert it first, e.g. "
+               "`jq -c '.[]' trn.json > trn.jsonl`")
+
+
+def test_a_byte_order_mark_is_dropped(tmp_path):
+    out = tmp_path / "trn.jsonl"
+    decompress(make("gz", tmp_path, b"\xef\xbb\xbf" + LINES), out)
+    assert out.read_bytes() == LINES
+
+
+def test_a_gzip_bomb_stops_at_the_expansion_limit(tmp_path):
+    # 80 MB of one repeated line in ~270 KB: 300x, where the corpus is ~2x; refused after the
+    # 64 MB floor, without an output
+    src = tmp_path / "trn.json.gz"
+    src.write_bytes(gzip.compress(jsonl(GOOD[:1]) * (80_000_000 // len(jsonl(GOOD[:1]))), compresslevel=9))
+    assert src.stat().st_size < 400_000
+    fails(src, f"expands to more than {D.MAX_EXPANSION} times its {src.stat().st_size:,} bytes (a zip or gzip bomb?)")
+
+
+def test_the_output_as_its_own_source_is_refused(tmp_path):
+    src = tmp_path / "out" / "trn.jsonl"
+    src.parent.mkdir()
+    src.write_bytes(LINES)
+    proc = run([sys.executable, "-m", "stages.decompress", str(src), str(src)], ROOT, check=False)
+    assert proc.returncode == 2 and proc.stderr.endswith(f"error: {src}: is the output of decompress itself; "
+                                                         "data.source names the corpus file\n"), proc.stderr
+    assert src.read_bytes() == LINES

@@ -4,7 +4,8 @@
 
 Reads params `preprocess`; writes OUT_DIR/{train,val,test}.parquet, OUT_DIR/bad_lines.txt (the
 malformed lines) and METRICS_JSON (every input record is either written or counted under one
-reason). Per record: validate (uid/title/content present and strings), clean and filter
+reason; `cleaned` counts the records that lost control characters). Per record: validate
+(uid/title/content present and strings), clean and filter
 (titletune.data.cleaning), then drop repeated uids and repeated title+content pairs (the first one
 in the file wins) and split by a hash of split_salt+uid, so a record lands in the same split
 whatever the order or size of the input (titletune.data.corpus).
@@ -30,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 from tqdm import tqdm
 
 from titletune.cli import UserError, atomic_path, run_main, write_json
@@ -55,6 +57,7 @@ def process_block(src: Path, offset: int, length: int, p, patterns: list[re.Patt
         data.release()
 
     table = clean_table(table, patterns)
+    control = pc.sum(table["control"]).as_py() or 0
     why = drop_reasons(table, p.min_title_chars, p.min_content_chars)
     dropped = Counter({"malformed": n_bad})
     for k, n in zip(*np.unique(why[why >= 0], return_counts=True)):
@@ -67,7 +70,7 @@ def process_block(src: Path, offset: int, length: int, p, patterns: list[re.Patt
     # Survivors back in input order, and the table grouped by split (input order within).
     order = np.argsort(table["row"].to_numpy(), kind="stable")
     grouped = order[np.argsort(split[order], kind="stable")]
-    return {"records": n_records, "lines": lines, "dropped": dropped, "bad": bad,
+    return {"records": n_records, "lines": lines, "dropped": dropped, "bad": bad, "control": control,
             "table": table.select(list(FIELDS)).take(pa.array(grouped)),
             "bounds": np.searchsorted(split[grouped], np.arange(len(SPLITS) + 1)),
             "split": split[order], "rank": rank[order], "pair": pair[order]}
@@ -100,7 +103,7 @@ class Collector:
 
     def __init__(self, out: SplitWriter, dedupe: bool, cap: int):
         self.out, self.dedupe, self.cap = out, dedupe, cap
-        self.records = self.lines = 0
+        self.records = self.lines = self.control = 0
         self.dropped = Counter({reason: 0 for reason in REASONS})
         self.bad: list[tuple[int, str, str]] = []
         self.seen_uid, self.seen_pair = Seen(), Seen()
@@ -108,6 +111,7 @@ class Collector:
 
     def add(self, r: dict) -> None:
         self.records += r["records"]
+        self.control += r["control"]
         self.dropped.update(r["dropped"])
         self.bad += [(self.lines + no, field, problem)
                      for no, field, problem in r["bad"]][:MAX_REPORTED - len(self.bad)]
@@ -189,6 +193,8 @@ def main() -> None:
     assert records_out + sum(c.dropped.values()) == c.records, (records_out, c.dropped, c.records)
     write_json(metrics_path, {
         "records_in": c.records, "records_out": {**counts, "total": records_out}, "dropped": dict(c.dropped),
+        # records whose title or content lost control characters (kept or not)
+        "cleaned": {"control_characters": c.control},
         "title_chars": percentiles(np.concatenate(c.out.lengths["title"])),
         "content_chars": percentiles(np.concatenate(c.out.lengths["content"])),
     })

@@ -99,6 +99,30 @@ def test_any_input_comes_out_squeezed():
             assert "This text refers" not in value or not patterns or patterns == PYTHON_ONLY
 
 
+# Control characters (#22): gone from titles and contents; an ANSI escape sequence goes whole.
+CONTROL_CASES = [
+    ("\x1b[1;31mRED\x1b[0m Mug", "RED Mug"),                                  # SGR colours
+    ("Mug\x1b[2J\x1b[H", "Mug"),                                              # clear screen, cursor home
+    ("Mug \x1b]0;pwned title\x07 Blue", "Mug Blue"),                          # OSC: the window title
+    ("Mug \x1b]8;;http://x\x1b\\link\x1b]8;;\x1b\\", "Mug link"),           # OSC hyperlink, ST-ended
+    ("a\x00b\x07c\x08d\x7fe\x9bf\x1bg", "abcdefg"),                         # NUL, BEL, BS, DEL, CSI (C1), lone ESC
+    ("a\x1cb\x85c\td", "a b c d"),                                             # whitespace ones: squeezed to spaces
+    ("&#27;[31m Mug", "[31m Mug"),                                             # html.unescape drops &#27; itself
+    ("\x00\x01", ""),
+    ("Caf\u00e9 \u2019s \u4e2d", "Caf\u00e9 \u2019s \u4e2d"),                       # text stays
+]
+
+
+@pytest.mark.parametrize("raw, expected", CONTROL_CASES)
+@pytest.mark.parametrize("field", ["title", "content"])
+def test_control_characters_are_removed_and_flagged(raw, expected, field):
+    assert cleaned([raw], field=field) == [expected]
+    other = "title" if field == "content" else "content"
+    table = pa.table({"uid": ["u0"], field: [raw], other: ["plain"]}, schema=SCHEMA)
+    flagged = clean_table(table, [re.compile(p, re.IGNORECASE) for p in DEFAULT])["control"].to_pylist()
+    assert flagged == [any(ch in raw for ch in "\x00\x01\x07\x08\x1b\x7f\x9b")]
+
+
 def test_filters_give_one_reason_each():
     rows = [("A fine title", "A description that is long enough."),   # kept
             ("A fine title", ""),                                        # empty_content

@@ -127,6 +127,16 @@ def test_metrics_reasons_add_up_and_bad_lines_are_reported(tmp_path):
     assert "line 51: content: missing" in report
 
 
+def test_control_characters_are_cleaned_and_counted(tmp_path):
+    recs = many_records(20) + [record("c1", "\x1b[31mRed\x1b[0m Mug", "A mug.\x00 Holds tea\x07, 300 ml."),
+                               record("c2", "Blue Mug", "\x1b]0;owned\x07A blue mug for tea, 300 ml.")]
+    splits, metrics = preprocess(write_jsonl(tmp_path / "in.jsonl", recs), tmp_path / "out")
+    rows = {r["uid"]: r for rows in splits.values() for r in rows}
+    assert (rows["c1"]["title"], rows["c1"]["content"]) == ("Red Mug", "A mug. Holds tea, 300 ml.")
+    assert rows["c2"]["content"] == "A blue mug for tea, 300 ml."
+    assert metrics["cleaned"] == {"control_characters": 2}
+
+
 def test_outputs_are_byte_identical_and_typed(tmp_path):
     src = write_jsonl(tmp_path / "in.jsonl", many_records(500))
     preprocess(src, tmp_path / "one")

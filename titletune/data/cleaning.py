@@ -1,7 +1,8 @@
 """The cleaning rules of preprocess, applied to whole Arrow blocks: one implementation of each.
 
-Titles and contents: HTML entities unescaped (twice: scraped text is double-escaped), every run
-of whitespace (Python's str.isspace) collapsed to one space and the ends trimmed. Contents also
+Titles and contents: HTML entities unescaped (twice: scraped text is double-escaped), control
+characters removed (ANSI escape sequences whole; they would reach prompts, samples and terminals),
+every run of whitespace (Python's str.isspace) collapsed to one space and the ends trimmed. Contents also
 lose each `preprocess.boilerplate_patterns` match (case-insensitive), after which whitespace is
 collapsed again. Then the filters: every dropped record gets one reason of REASONS.
 tests/test_cleaning.py holds the expected output of each rule.
@@ -44,11 +45,24 @@ def unescape(s: str) -> str:
     return s
 
 
+# Control characters that are not whitespace (those are squeezed to spaces): C0 but tab to carriage
+# return and \x1c-\x1f, DEL, C1 but NEL (\x85). Same syntax in RE2 and Python's re.
+CONTROL = r"[\x00-\x08\x0e-\x1b\x7f-\x84\x86-\x9f]"
+# Removed whole: ANSI escape sequences (CSI `ESC [ ... m`, OSC `ESC ] ... BEL`, two-byte `ESC X`),
+# else the other control characters one by one.
+_CONTROL_RUN = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)|\x1b[@-Z\\-_]|" + CONTROL)
+
+
+def strip_control(s: str) -> str:
+    return _CONTROL_RUN.sub("", s)
+
+
 # Python's whitespace (str.isspace), in RE2 syntax.
 _WS = r"\t-\r \x{1c}-\x{1f}\x{85}\x{a0}\x{1680}\x{2000}-\x{200a}\x{2028}\x{2029}\x{202f}\x{205f}\x{3000}"
 _WS_NOT_SPACE = _WS.replace(" ", "")
-# A value needs work if it has an "&", or whitespace other than single spaces between words.
-NEEDS_CLEANING = f"&|^[{_WS}]|[{_WS}]$|[{_WS_NOT_SPACE}]|  "
+# A value needs work if it has an "&", a control character, or whitespace other than single spaces
+# between words.
+NEEDS_CLEANING = f"&|{CONTROL}|^[{_WS}]|[{_WS}]$|[{_WS_NOT_SPACE}]|  "
 # A run of whitespace that " ".join(s.split()) would rewrite: not a lone space.
 _WS_RUN = f"(?: *[{_WS_NOT_SPACE}]|  )[{_WS}]*"
 
@@ -87,10 +101,12 @@ def strip_boilerplate(col: pa.Array, patterns: list[re.Pattern]) -> pa.Array:
 
 
 def clean_table(table: pa.Table, patterns: list[re.Pattern]) -> pa.Table:
-    """The cleaning rules on a block: titles and contents unescaped and squeezed, contents also
-    stripped of the boilerplate patterns. Adds column `row` (the input row) because the rows that
-    needed work come back after those that did not."""
+    """The cleaning rules on a block: titles and contents unescaped, rid of control characters and
+    squeezed, contents also stripped of the boilerplate patterns. Adds column `row` (the input row)
+    because the rows that needed work come back after those that did not, and `control` (whether
+    the title or the content lost control characters: counted in metrics/data.json)."""
     table = table.append_column("row", pa.array(np.arange(table.num_rows, dtype=np.int64)))
+    table = table.append_column("control", pa.array(np.zeros(table.num_rows, dtype=bool)))
     if all(re2_finds_all(p.pattern) for p in patterns):
         content_re = "|".join([NEEDS_CLEANING] + [f"(?i:{p.pattern})" for p in patterns])
         dirty = pc.match_substring_regex(table["content"], content_re)
@@ -100,12 +116,15 @@ def clean_table(table: pa.Table, patterns: list[re.Pattern]) -> pa.Table:
     if not pc.any(dirty).as_py():
         return table
     fix = table.filter(dirty)
-    columns = {}
+    columns, control = {}, np.zeros(fix.num_rows, dtype=bool)
     for name in ("title", "content"):
-        values = [unescape(v) for v in fix[name].to_numpy(zero_copy_only=False)]
+        unescaped = [unescape(v) for v in fix[name].to_numpy(zero_copy_only=False)]
+        values = [strip_control(v) for v in unescaped]
+        control |= np.array([len(a) != len(b) for a, b in zip(unescaped, values)], dtype=bool)
         columns[name] = squeeze_spaces(pa.array(values, pa.string()))
     columns["content"] = strip_boilerplate(columns["content"], patterns)
-    fix = fix.set_column(1, "title", columns["title"]).set_column(2, "content", columns["content"])
+    fix = (fix.set_column(1, "title", columns["title"]).set_column(2, "content", columns["content"])
+           .set_column(fix.schema.get_field_index("control"), "control", pa.array(control)))
     return pa.concat_tables([table.filter(pc.invert(dirty)), fix])
 
 

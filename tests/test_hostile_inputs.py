@@ -98,6 +98,18 @@ def test_a_misspelled_section_is_caught_by_the_params_check(repo):
                                f"the sections are {SECTIONS}")
 
 
+# ---------------------------------------------------------------- model folders (#22)
+
+def test_a_pickle_only_model_is_one_line_in_the_first_stage_that_reads_it(repo):
+    """tokenize-format reads model.name first (before: a traceback from train's loader)."""
+    folder = repo / "models" / "tiny-llama"
+    (folder / "model.safetensors").rename(folder / "pytorch_model.bin")
+    proc = run([sys.executable, "-m", "stages.tokenize_format", "data/processed", "data/formatted",
+                "metrics/format.json"], repo, check=False)
+    assert one_error(proc).startswith("error: model.name: models/tiny-llama has pickle weights only "
+                                      "(pytorch_model.bin), which could run code when loaded")
+
+
 # ---------------------------------------------------------------- decompress
 
 def test_decompress_removes_the_temp_output_of_a_killed_run(repo):

@@ -62,3 +62,49 @@ def test_models_load_in_float32_on_every_cpu(monkeypatch):
     assert tokenizer.pad_token == "</s>"                   # no pad token: EOS pads
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert modeling.compute_dtype() is None                # GPU: Unsloth's auto (bf16, else fp16)
+
+
+# ---------------------------------------------------------------- unsafe model folders (#22)
+
+def model_copy(tmp_path, name: str = "model"):
+    import shutil
+    folder = tmp_path / name
+    shutil.copytree(ROOT / "models" / "tiny-llama", folder)
+    return folder
+
+
+def test_a_pickle_only_checkpoint_is_one_line(tmp_path):
+    folder = model_copy(tmp_path)
+    (folder / "model.safetensors").rename(folder / "pytorch_model.bin")
+    model = Model(name=str(folder), load_in_4bit=False, trust_remote_code=False)
+    with pytest.raises(UserError, match=rf"^model.name: {folder} has pickle weights only \(pytorch_model.bin\), "
+                                        "which could run code when loaded: only safetensors are loaded"):
+        load_tokenizer(model)
+    (folder / "pytorch_model.bin").unlink()
+    with pytest.raises(UserError, match=rf"^model.name: {folder} has no model.safetensors \(no weights to load\)$"):
+        load_tokenizer(model)
+
+
+def test_a_folder_that_needs_its_own_code_is_refused_unless_trusted(tmp_path):
+    import json
+    folder = model_copy(tmp_path)
+    config = json.loads((folder / "config.json").read_text())
+    config["auto_map"] = {"AutoConfig": "configuration_evil.EvilConfig", "AutoModelForCausalLM": "modeling_evil.Evil"}
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError, match=rf"^model.name: {folder} needs code of its own \(auto_map in config.json: "
+                                        r"configuration_evil.EvilConfig, modeling_evil.Evil\), which is not run "
+                                        r"unless params.yaml model.trust_remote_code is true"):
+        load_tokenizer(Model(name=str(folder), load_in_4bit=False, trust_remote_code=False))
+    (folder / "config.json").write_text("{not json")
+    with pytest.raises(UserError, match=r"config.json: not valid JSON \(Expecting property name"):
+        load_tokenizer(Model(name=str(folder), load_in_4bit=False, trust_remote_code=True))
+
+
+def test_a_pickled_adapter_is_refused_before_the_base_loads(tmp_path):
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    (adapter / "adapter_model.bin").write_bytes(b"\x80\x04pickle")
+    with pytest.raises(UserError, match=rf"^adapter: {adapter} has pickle weights only \(adapter_model.bin\)"):
+        load_tuned_model(TINY, 128, adapter)
+

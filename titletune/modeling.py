@@ -8,6 +8,7 @@ pays for it.
 """
 from __future__ import annotations
 
+import json
 import os
 import socket
 from pathlib import Path
@@ -43,6 +44,43 @@ def resolve_model_name(name: str) -> str:
     return name
 
 
+# Weights torch.load unpickles: loading them can run code the file carries.
+PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
+
+
+def check_model_folder(name: str, trust_remote_code: bool, what: str = "model.name",
+                       weights: str = "model") -> None:
+    """A local folder (a base model, or an adapter with weights="adapter_model") loads safely, else
+    one line: its config is JSON; code of its own (`auto_map`) only with model.trust_remote_code;
+    safetensors weights, never a pickle checkpoint (`pytorch_model.bin` only). Every loader calls
+    it; a hub id is left to the hub (safetensors only, its code refused the same way)."""
+    folder = Path(name)
+    if not folder.is_dir():
+        return
+    needs_code = {}
+    for config in ("config.json", "tokenizer_config.json", "adapter_config.json"):
+        if (folder / config).is_file():
+            try:
+                data = json.loads((folder / config).read_text(encoding="utf-8"))
+            except (ValueError, UnicodeDecodeError) as err:
+                raise UserError(f"{what}: {folder / config}: not valid JSON ({err})") from None
+            if isinstance(data, dict) and data.get("auto_map"):
+                needs_code[config] = data["auto_map"]
+    if needs_code and not trust_remote_code:
+        config, auto_map = next(iter(needs_code.items()))
+        raise UserError(f"{what}: {folder} needs code of its own (auto_map in {config}: "
+                        f"{', '.join(map(str, auto_map.values() if isinstance(auto_map, dict) else auto_map))}), "
+                        "which is not run unless params.yaml model.trust_remote_code is true (only for a model "
+                        "you trust)")
+    if not list(folder.glob(f"{weights}*.safetensors")):
+        pickles = sorted(p.name for pattern in PICKLE_WEIGHTS for p in folder.glob(pattern))
+        if pickles:
+            raise UserError(f"{what}: {folder} has pickle weights only ({', '.join(pickles[:3])}), which could "
+                            "run code when loaded: only safetensors are loaded. Convert them on a machine you "
+                            "trust (save_pretrained(..., safe_serialization=True)) and use that folder")
+        raise UserError(f"{what}: {folder} has no {weights}.safetensors (no weights to load)")
+
+
 def _hub_reachable(timeout: float = 3.0) -> bool:
     try:
         socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
@@ -54,8 +92,9 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
 def load_tokenizer(model):
     """The base model's tokenizer alone (no weights, no Unsloth: enough to format the data)."""
     from transformers import AutoTokenizer
-    return AutoTokenizer.from_pretrained(resolve_model_name(model.name),
-                                         trust_remote_code=model.trust_remote_code)
+    name = resolve_model_name(model.name)
+    check_model_folder(name, model.trust_remote_code)
+    return AutoTokenizer.from_pretrained(name, trust_remote_code=model.trust_remote_code)
 
 
 def compute_dtype():
@@ -79,8 +118,10 @@ def load_model(model, max_seq_length: int, device_map=None):
     if model.load_in_4bit and not torch.cuda.is_available():
         raise UserError("model.load_in_4bit: 4-bit QLoRA needs a CUDA GPU; set it to false on CPU")
     extra = {"device_map": device_map} if device_map is not None else {}
+    name = resolve_model_name(model.name)
+    check_model_folder(name, model.trust_remote_code)
     loaded, tokenizer = fast_language_model.from_pretrained(
-        model_name=resolve_model_name(model.name),
+        model_name=name,
         max_seq_length=max_seq_length,
         dtype=compute_dtype(),
         load_in_4bit=model.load_in_4bit,
@@ -102,6 +143,7 @@ def load_tuned_model(model, max_seq_length: int, adapter_dir: Path | str):
     if not (adapter_dir / "adapter_config.json").is_file():
         raise UserError(f"{adapter_dir}: no trained adapter here; run `dvc repro` first "
                         "(the train stage writes it)")
+    check_model_folder(str(adapter_dir), model.trust_remote_code, what="adapter", weights="adapter_model")
     base, tokenizer = load_model(model, max_seq_length)
     from peft import PeftModel  # after load_model, which imported unsloth first
     # The base path inside adapter_config.json is where it was trained (maybe another machine):

@@ -28,7 +28,7 @@ from titletune.cli import UserError, atomic_path, run_main, write_json
 from titletune.generation.engine import (SAMPLING_SEED, eos_token_ids, generate, generation_kwargs, prompt_ids,
                                          reference_nll, until_eos)
 from titletune.generation.metrics import delta, score
-from titletune.modeling import load_formatted, load_tuned_model, unsloth
+from titletune.modeling import check_answer_room, load_formatted, load_tuned_model, unsloth
 from titletune.params import load_params
 from titletune.splits import select_examples
 from titletune.tracking import log_evaluation, register_evaluation
@@ -92,6 +92,8 @@ def main() -> None:
         raise UserError(f"{data_dir}: the test split is empty; raise preprocess.test_fraction")
 
     model, tokenizer = load_tuned_model(model_params, fmt.max_length, adapter_dir)
+    check_answer_room(model, max(map(len, prompt_ids(examples))), ep.max_new_tokens, "evaluate.max_new_tokens",
+                      model_params.name)
     unsloth().for_inference(model)  # Unsloth's fast generation on GPU; no training state
     model.eval()
     results, answers = answer_and_score(model, tokenizer, examples, ep)

@@ -30,7 +30,7 @@ from pathlib import Path
 from titletune.cli import UserError, atomic_path, run_main, write_json
 from titletune.export.merge import compare, parity_problems, set_chat_template, set_generation_eos
 from titletune.generation.engine import eos_token_ids, generate, prompt_ids, reference_nll, until_eos
-from titletune.modeling import load_formatted, load_tuned_model
+from titletune.modeling import check_answer_room, load_formatted, load_tuned_model
 from titletune.params import load_params
 from titletune.splits import select_examples
 from titletune.tracking import register_export
@@ -66,6 +66,8 @@ def main() -> None:
         if len(examples) == 0:
             raise UserError(f"{data_dir}: the test split is empty; raise preprocess.test_fraction "
                             "or set export.parity_samples: 0")
+        check_answer_room(model, max(map(len, prompt_ids(examples))), export.parity_max_new_tokens,
+                          "export.parity_max_new_tokens", model_params.name)
         reference = parity_scores(model, tokenizer, examples, export, eos_ids, "base + adapter")
 
     merged = model.merge_and_unload()  # W + (alpha/r)·B·A in the loaded dtype; a plain transformers model

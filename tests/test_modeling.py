@@ -108,3 +108,18 @@ def test_a_pickled_adapter_is_refused_before_the_base_loads(tmp_path):
     with pytest.raises(UserError, match=rf"^adapter: {adapter} has pickle weights only \(adapter_model.bin\)"):
         load_tuned_model(TINY, 128, adapter)
 
+
+
+def test_the_answer_must_fit_the_model_positions():
+    """evaluate.max_new_tokens: 1e8 generated for ever (#22): refused with the limit."""
+    from types import SimpleNamespace
+
+    from titletune.modeling import check_answer_room, max_positions
+    model = SimpleNamespace(config=SimpleNamespace(max_position_embeddings=1024))
+    assert max_positions(model) == 1024
+    check_answer_room(model, 87, 937, "evaluate.max_new_tokens", "models/tiny-llama")     # exactly fits
+    with pytest.raises(UserError) as err:
+        check_answer_room(model, 87, 100_000_000, "evaluate.max_new_tokens", "models/tiny-llama")
+    assert str(err.value) == ("params.yaml: evaluate.max_new_tokens: 100000000 is not allowed with models/tiny-llama "
+                              "(must be at most 937: its 1,024 positions less the longest test prompt, 87 tokens)")
+    check_answer_room(SimpleNamespace(config=SimpleNamespace()), 87, 10**8, "k", "m")     # no limit given: none

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from titletune.testing import ENV, run
+from titletune.testing import ENV, ROOT, run
 
 TRAIN_AND_RELOAD = """
 import json, sys, torch
@@ -83,3 +83,31 @@ def test_sft_config_lora_and_saved_adapter(pipeline_repo, tmp_path):
     assert report["reload_max_diff"] < 1e-5 and report["adapter_effect"] > 0
     # Early stopping: on the validation loss, lower is better.
     assert report["es_args"] == [True, "eval_val_loss", False]
+
+
+CHECK_LORA = """
+from titletune.training import sft  # imports unsloth first
+from titletune.cli import UserError
+from titletune.modeling import load_model
+from titletune.params import load_params
+model_params, fmt, tp = load_params("model", "format", "train")
+model, _ = load_model(model_params, 128)
+for update in ({"target_modules": ["q_proj", "k_prj", "mlp"]}, {"lora_r": 129},
+               {"lora_r": 128, "target_modules": ["self_attn.q_proj", "embed_tokens"]}):
+    try:
+        sft.add_lora(model, tp.model_copy(update=update))
+        print("OK")
+    except UserError as err:
+        print(err)
+"""
+
+
+def test_target_modules_and_lora_r_are_checked_against_the_model():
+    """A misspelled module is one line naming the model's layers (PEFT: a traceback); a rank above the
+    hidden size is refused (lora_r 1e9 asked PEFT for 512 GB)."""
+    proc = run([sys.executable, "-c", CHECK_LORA], ROOT, env=dict(ENV, PYTHONPATH=str(ROOT)))
+    assert proc.stdout.splitlines()[-3:] == [
+        'params.yaml: train.target_modules: ["k_prj", "mlp"] is not allowed (must name layers of models/tiny-llama: '
+        "down_proj, embed_tokens, gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj)",
+        "params.yaml: train.lora_r: 129 is not allowed with models/tiny-llama (must be at most its hidden size, 128)",
+        "OK"]

@@ -134,6 +134,23 @@ def load_model(model, max_seq_length: int, device_map=None):
     return loaded, tokenizer
 
 
+def max_positions(model) -> int | None:
+    """The positions the model was built for (config.max_position_embeddings; None if it does not
+    say). A prompt and its answer must fit them: past them a model answers noise or fails, and a
+    generate() asked for more tokens would run on and on."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    return getattr(config, "max_position_embeddings", None)
+
+
+def check_answer_room(model, longest_prompt: int, max_new_tokens: int, key: str, model_name: str) -> None:
+    """The longest test prompt and max_new_tokens more fit the model's positions (evaluate, export)."""
+    positions = max_positions(model)
+    if positions is not None and longest_prompt + max_new_tokens > positions:
+        raise UserError(f"params.yaml: {key}: {max_new_tokens} is not allowed with {model_name} (must be at most "
+                        f"{positions - longest_prompt:,}: its {positions:,} positions less the longest test prompt, "
+                        f"{longest_prompt:,} tokens)")
+
+
 def load_tuned_model(model, max_seq_length: int, adapter_dir: Path | str):
     """Base model + the trained LoRA adapter (a PeftModel) + tokenizer, for evaluate, ask and export.
 

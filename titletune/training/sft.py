@@ -98,8 +98,30 @@ def train_val_sets(data, data_dir: Path, val_samples: int):
     return data["train"].select_columns(columns), val_set
 
 
+def check_lora(model, tp) -> None:
+    """train.target_modules name layers of this model that LoRA can wrap, and train.lora_r is at most
+    its hidden size (a wider rank adds nothing a full-rank update would not, and its matrices grow
+    without bound); checked here because PEFT says either with a traceback, or runs out of memory."""
+    from transformers.pytorch_utils import Conv1D
+    kinds = (torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv1d, torch.nn.Conv2d, Conv1D)
+    layers = [name for name, module in model.named_modules() if isinstance(module, kinds)]
+    missing = [target for target in tp.target_modules
+               if not any(name == target or name.endswith(f".{target}") for name in layers)]  # PEFT's match
+    model_name = getattr(model, "name_or_path", "") or "the model"
+    if missing:
+        names = sorted({name.rsplit(".", 1)[-1] for name in layers})
+        raise UserError(f"params.yaml: train.target_modules: {json.dumps(missing)} is not allowed (must name "
+                        f"layers of {model_name}: {', '.join(names)})")
+    config = model.config.get_text_config()
+    hidden = getattr(config, "hidden_size", None)
+    if hidden and tp.lora_r > hidden:
+        raise UserError(f"params.yaml: train.lora_r: {tp.lora_r} is not allowed with {model_name} (must be at "
+                        f"most its hidden size, {hidden})")
+
+
 def add_lora(model, tp):
     """The LoRA adapter on every `train.target_modules` layer, through Unsloth."""
+    check_lora(model, tp)
     return FastLanguageModel.get_peft_model(
         model, r=tp.lora_r, lora_alpha=tp.lora_alpha, lora_dropout=tp.lora_dropout,
         target_modules=list(tp.target_modules), bias="none",

@@ -1,12 +1,16 @@
 """ask: put a free question about a product to the fine-tuned model; the answer streams as it is generated.
 
     python scripts/ask.py "What is Harry Potter and the Goblet of Fire?"
-    python scripts/ask.py                    # interactive: a question a line; empty line or Ctrl-D ends
+    python scripts/ask.py                    # interactive: a question a line, until Ctrl-D (EOF)
     python scripts/ask.py --base "..."       # the base model alone, to compare
 
 Loads the base model (params.yaml `model`) + the adapter from models/adapter (`dvc repro` makes
 it), wraps the question in the training prompt (titletune.prompt, `format.style`) and generates
 with `evaluate`'s settings (max_new_tokens, do_sample, temperature, top_p).
+
+A question that cannot be asked (empty, not UTF-8, or too long for the model's positions with
+max_new_tokens after it) is one line: the error of the one question on the command line, or a
+skipped line of stdin (blank lines are skipped silently; a count ends the session).
 """
 from __future__ import annotations
 
@@ -15,9 +19,9 @@ import os
 import sys
 from pathlib import Path
 
-from titletune.cli import run_main
+from titletune.cli import UserError, run_main
 from titletune.generation.engine import generation_kwargs
-from titletune.modeling import load_model, load_tuned_model, unsloth
+from titletune.modeling import load_model, load_tuned_model, max_positions, unsloth
 from titletune.params import load_params
 from titletune.prompt import encode_prompts
 
@@ -25,19 +29,37 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def questions(first: str | None):
-    """The one question from the command line, or lines from stdin until EOF or an empty line."""
+    """(where, question): the one question from the command line, or the lines of stdin until EOF
+    (Ctrl-D); blank lines are skipped."""
     if first is not None:
-        yield first
+        yield "question", first.strip()
         return
     interactive = sys.stdin.isatty()
+    number = 0
     while True:
         try:
             line = input("question> " if interactive else "").strip()
         except EOFError:
             return
-        if not line:
-            return
-        yield line
+        number += 1
+        if line:
+            yield f"line {number}", line
+
+
+def check_question(where: str, question: str) -> None:
+    if not question:
+        raise UserError(f"{where}: empty; ask about a product, e.g. \"What is <product title>?\"")
+    bad = next((ch for ch in question if "\udc80" <= ch <= "\udcff"), None)   # a byte surrogateescape kept
+    if bad is not None:
+        raise UserError(f"{where}: not UTF-8 (byte 0x{ord(bad) - 0xdc00:02x})")
+
+
+def check_length(where: str, prompt_tokens: int, positions: int | None, max_new_tokens: int, model: str) -> None:
+    """The prompt and max_new_tokens after it fit the model's positions."""
+    if positions is not None and prompt_tokens + max_new_tokens > positions:
+        raise UserError(f"{where}: too long: {prompt_tokens:,} tokens with the prompt, where {model} holds "
+                        f"{positions:,} positions, {max_new_tokens:,} of them for the answer "
+                        f"(evaluate.max_new_tokens): at most {positions - max_new_tokens:,}")
 
 
 def main() -> None:
@@ -46,6 +68,8 @@ def main() -> None:
     ap.add_argument("--base", action="store_true", help="answer with the base model, without the adapter")
     ap.add_argument("--adapter", type=Path, default=ROOT / "models" / "adapter")
     args = ap.parse_args()
+    if args.question is not None:
+        check_question("question", args.question.strip())   # before the model loads
     adapter = args.adapter.resolve()
     os.chdir(ROOT)  # params.yaml and the paths in it are relative to the repository root
     model_params, fmt, ep = load_params("model", "format", "evaluate")
@@ -61,12 +85,27 @@ def main() -> None:
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
 
     import torch
-    for question in questions(args.question):
-        # the question is text, as the titles were in training: a `</s>` in it stays characters
-        ids = torch.tensor([encode_prompts(tokenizer, [question], fmt.style)[0]], device=model.device)
+    # Bytes that are not UTF-8 reach check_question as surrogates instead of failing the read.
+    sys.stdin.reconfigure(errors="surrogateescape")
+    answered = skipped = 0
+    for where, question in questions(args.question):
+        try:
+            check_question(where, question)
+            # the question is text, as the titles were in training: a `</s>` in it stays characters
+            ids = torch.tensor([encode_prompts(tokenizer, [question], fmt.style)[0]], device=model.device)
+            check_length(where, ids.shape[1], max_positions(model), ep.max_new_tokens, model_params.name)
+        except UserError as err:
+            if args.question is not None:
+                raise
+            print(f"ask: {err}; skipped", file=sys.stderr, flush=True)
+            skipped += 1
+            continue
+        answered += 1
         model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), streamer=streamer,
                        pad_token_id=tokenizer.pad_token_id, use_cache=True, **generation_kwargs(ep))
         sys.stdout.flush()
+    if args.question is None:
+        print(f"ask: {answered} question(s) answered, {skipped} skipped", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -100,6 +100,7 @@ def test_a_misspelled_section_is_caught_by_the_params_check(repo):
 
 # ---------------------------------------------------------------- model folders (#22)
 
+@pytest.mark.slow
 def test_a_pickle_only_model_is_one_line_in_the_first_stage_that_reads_it(repo):
     """tokenize-format reads model.name first (before: a traceback from train's loader)."""
     folder = repo / "models" / "tiny-llama"

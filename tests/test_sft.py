@@ -102,6 +102,7 @@ for update in ({"target_modules": ["q_proj", "k_prj", "mlp"]}, {"lora_r": 129},
 """
 
 
+@pytest.mark.slow
 def test_target_modules_and_lora_r_are_checked_against_the_model():
     """A misspelled module is one line naming the model's layers (PEFT: a traceback); a rank above the
     hidden size is refused (lora_r 1e9 asked PEFT for 512 GB)."""

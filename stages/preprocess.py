@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import mmap
 import os
-import re
 import sys
 import time
 from collections import Counter, deque
@@ -35,13 +34,13 @@ import pyarrow.compute as pc
 from tqdm import tqdm
 
 from titletune.cli import UserError, atomic_path, run_main, write_json
-from titletune.data.cleaning import REASONS, clean_table, drop_reasons
+from titletune.data.cleaning import REASONS, clean_table, compile_patterns, drop_reasons
 from titletune.data.corpus import (FIELDS, MAX_REPORTED, SPLITS, Seen, SplitWriter, pair_hash, parse_fast,
                                    parse_slow, plan_blocks, smallest, split_of, uid_hash)
 from titletune.params import load_params
 
 
-def process_block(src: Path, offset: int, length: int, p, patterns: list[re.Pattern]) -> dict:
+def process_block(src: Path, offset: int, length: int, p, patterns: list) -> dict:
     """Parse, clean, filter and hash one block (in a thread): its surviving records, by split."""
     # Arrow parses straight from the page cache (mmap): no copy of the block.
     with open(src, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
@@ -80,7 +79,7 @@ def processed_blocks(src: Path, p, stack: ExitStack):
     """process_block of every block of src, run by threads (Arrow releases the GIL for the heavy
     work) but yielded in input order, so "first occurrence" means first in the file; at most
     one block per thread is running or done but not taken (Executor.map would hold them all)."""
-    patterns = [re.compile(pattern, re.IGNORECASE) for pattern in p.boilerplate_patterns]
+    patterns = compile_patterns(p.boilerplate_patterns)
     bar = stack.enter_context(tqdm(total=src.stat().st_size, unit="B", unit_scale=True, mininterval=1,
                                    desc=f"preprocess {src.name}", file=sys.stderr))
     n = len(os.sched_getaffinity(0))

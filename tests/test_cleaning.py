@@ -3,12 +3,11 @@ one implementation, the one preprocess runs), and the filters."""
 from __future__ import annotations
 
 import random
-import re
 
 import pyarrow as pa
 import pytest
 
-from titletune.data.cleaning import REASONS, clean_table, drop_reasons
+from titletune.data.cleaning import REASONS, clean_table, compile_patterns, drop_reasons
 from titletune.data.corpus import SCHEMA
 from titletune.params import load_params
 from titletune.testing import ROOT
@@ -22,7 +21,7 @@ def cleaned(values: list[str], patterns: list[str] = DEFAULT, field: str = "cont
     other = "title" if field == "content" else "content"
     table = pa.table({"uid": [f"u{i}" for i in range(len(values))], field: values,
                       other: ["plain"] * len(values)}, schema=SCHEMA)
-    rows = clean_table(table, [re.compile(p, re.IGNORECASE) for p in patterns]).to_pylist()
+    rows = clean_table(table, compile_patterns(patterns)).to_pylist()
     assert sorted(r["row"] for r in rows) == list(range(len(values)))
     assert all(r[other] == "plain" for r in rows)
     return [r[field] for r in sorted(rows, key=lambda r: r["row"])]
@@ -119,7 +118,7 @@ def test_control_characters_are_removed_and_flagged(raw, expected, field):
     assert cleaned([raw], field=field) == [expected]
     other = "title" if field == "content" else "content"
     table = pa.table({"uid": ["u0"], field: [raw], other: ["plain"]}, schema=SCHEMA)
-    flagged = clean_table(table, [re.compile(p, re.IGNORECASE) for p in DEFAULT])["control"].to_pylist()
+    flagged = clean_table(table, compile_patterns(DEFAULT))["control"].to_pylist()
     assert flagged == [any(ch in raw for ch in "\x00\x01\x07\x08\x1b\x7f\x9b")]
 
 
@@ -134,3 +133,16 @@ def test_filters_give_one_reason_each():
     why = [REASONS[k] if k >= 0 else None for k in drop_reasons(table, min_title_chars=3, min_content_chars=20)]
     assert why == [None, "empty_content", "short_content", "short_title", "content_equals_title",
                    "empty_content"]
+
+
+def test_a_backtracking_pattern_is_one_line_not_a_hang(monkeypatch):
+    """(a|aa)+$ takes ~1.6^n steps on a run of n a's that is not at the end: before, preprocess hung (#22;
+    Python's re spent 48 s on (a+)+$ and 28 a's)."""
+    from titletune.cli import UserError
+    from titletune.data import cleaning
+    monkeypatch.setattr(cleaning, "PATTERN_TIMEOUT", 0.5)
+    value = "a" * 40 + "! and then a"                       # RE2 sees the match at the end: Python runs
+    for pattern in (r"(a|aa)+$", r"(?<!x)(a|aa)+$"):          # found by RE2 first, or by Python alone
+        with pytest.raises(UserError, match=r"^preprocess.boilerplate_patterns: '.*' ran over 0.5 s on one "
+                                            r"description of 52 characters \(it backtracks"):
+            cleaned([value], patterns=[pattern])

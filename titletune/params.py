@@ -20,12 +20,12 @@ from __future__ import annotations
 
 import difflib
 import json
-import re
 import string
 import sys
 from pathlib import Path
 from typing import Annotated, Literal, Union
 
+import regex
 import yaml
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
@@ -68,9 +68,9 @@ def whole(allowed: str, **bounds):
 
 
 def _regex(pattern: str) -> str:
-    try:
-        re.compile(pattern, re.IGNORECASE)
-    except re.error as err:
+    try:  # as titletune.data.cleaning compiles it
+        regex.compile(pattern, regex.IGNORECASE)
+    except regex.error as err:
         raise ValueError(f"must be a valid regular expression: {err}") from None
     return pattern
 

@@ -8,6 +8,9 @@ collapsed again. Then the filters: every dropped record gets one reason of REASO
 tests/test_cleaning.py holds the expected output of each rule.
 
 Speed: RE2 (Arrow, C++) finds the values that need any work; Python runs only on those.
+Safety: the boilerplate patterns run in the `regex` module (the syntax of `re`) with a time limit
+per value, so a pattern that backtracks without end (`(a+)+$`) stops the stage with one line
+instead of hanging it.
 """
 from __future__ import annotations
 
@@ -17,6 +20,9 @@ import re
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import regex
+
+from titletune.cli import UserError
 
 # Every dropped record gets exactly one of these, the first that applies, in this order.
 REASONS = ("malformed", "empty_content", "short_content", "short_title", "content_equals_title",
@@ -85,22 +91,41 @@ def re2_finds_all(pattern: str) -> bool:
     return True
 
 
-def strip_boilerplate(col: pa.Array, patterns: list[re.Pattern]) -> pa.Array:
+# Seconds a pattern may take on one value: linear patterns take microseconds on a whole description.
+PATTERN_TIMEOUT = 5.0
+
+
+def compile_patterns(patterns: list[str]) -> list[regex.Pattern]:
+    """preprocess.boilerplate_patterns as matched here: case-insensitive."""
+    return [regex.compile(pattern, regex.IGNORECASE) for pattern in patterns]
+
+
+def _timed(p: regex.Pattern, method, *args):
+    """p.search(value) or p.sub(repl, value), or one line if it runs over PATTERN_TIMEOUT."""
+    try:
+        return method(*args, timeout=PATTERN_TIMEOUT)
+    except TimeoutError:
+        raise UserError(f"preprocess.boilerplate_patterns: {p.pattern!r} ran over {PATTERN_TIMEOUT:g} s on one "
+                        f"description of {len(args[-1]):,} characters (it backtracks: nested repeats such as "
+                        "(a+)+ ?); rewrite it") from None
+
+
+def strip_boilerplate(col: pa.Array, patterns: list[regex.Pattern]) -> pa.Array:
     """Remove each pattern in turn (then squeeze the spaces it leaves), running Python only on the
     values RE2 says match."""
     for p in patterns:
         if re2_finds_all(p.pattern):
             hit = pc.match_substring_regex(col, f"(?i:{p.pattern})")
         else:
-            hit = pa.array([p.search(v) is not None for v in col.to_numpy(zero_copy_only=False)],
+            hit = pa.array([_timed(p, p.search, v) is not None for v in col.to_numpy(zero_copy_only=False)],
                            pa.bool_())
         if pc.any(hit).as_py():
-            fixed = [p.sub("", v) for v in col.filter(hit).to_numpy(zero_copy_only=False)]
+            fixed = [_timed(p, p.sub, "", v) for v in col.filter(hit).to_numpy(zero_copy_only=False)]
             col = pc.replace_with_mask(col, hit, squeeze_spaces(pa.array(fixed, pa.string())))
     return col
 
 
-def clean_table(table: pa.Table, patterns: list[re.Pattern]) -> pa.Table:
+def clean_table(table: pa.Table, patterns: list[regex.Pattern]) -> pa.Table:
     """The cleaning rules on a block: titles and contents unescaped, rid of control characters and
     squeezed, contents also stripped of the boilerplate patterns. Adds column `row` (the input row)
     because the rows that needed work come back after those that did not, and `control` (whether

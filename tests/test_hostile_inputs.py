@@ -224,6 +224,27 @@ def untouched(repo: Path, before: dict) -> None:
 
 
 @pytest.mark.slow
+def test_answers_longer_than_the_model_positions_are_refused(trained):
+    """evaluate.max_new_tokens: 1e8 generated for ever (#22); export's parity answers the same way."""
+    repo, env = trained
+    set_params(repo, {"evaluate": {"max_new_tokens": 10**8}, "export": {"parity_max_new_tokens": 1024}})
+    commands = {"evaluate": [sys.executable, "-m", "stages.evaluate", "data/formatted", "models/adapter", "metrics"],
+                "export": [sys.executable, "-m", "stages.export", "data/formatted", "models/adapter", "models/merged",
+                           "metrics/export.json"]}
+    procs = {name: subprocess.Popen(cmd, cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for name, cmd in commands.items()}           # both at once: most of each is loading Unsloth
+    done = {}
+    for name, proc in procs.items():
+        out, err = proc.communicate(timeout=600)
+        done[name] = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    assert re.fullmatch(r"error: params\.yaml: evaluate\.max_new_tokens: 100000000 is not allowed with "
+                        r"models/tiny-llama \(must be at most \d+: its 1,024 positions less the longest test "
+                        r"prompt, \d+ tokens\)", one_error(done["evaluate"]))
+    assert one_error(done["export"]).startswith("error: params.yaml: export.parity_max_new_tokens: 1024 is not "
+                                                "allowed with models/tiny-llama (must be at most ")
+
+
+@pytest.mark.slow
 def test_ctrl_c_in_train_is_one_line_keeps_the_checkpoint_and_ends_the_run_killed(trained, tmp_path):
     repo, env = trained
     set_params(repo, {"train": {"max_steps": 400, "save_steps": 4, "eval_steps": 1000}})

@@ -122,6 +122,19 @@ def test_decompress_removes_the_temp_output_of_a_killed_run(repo):
     assert sorted(p.name for p in interim.iterdir()) == ["trn.jsonl"]
 
 
+def test_an_output_that_is_a_symlink_is_replaced_not_written_through(repo):
+    """A link at an output path (to a file the user cares about) is replaced by the output: the file
+    it pointed to is not overwritten."""
+    precious = repo.parent / "precious.txt"
+    precious.write_text("keep me\n")
+    interim = repo / "data" / "interim"
+    interim.mkdir(parents=True)
+    (interim / "trn.jsonl").symlink_to(precious)
+    run([sys.executable, "-m", "stages.decompress", "data/interim/trn.jsonl"], repo)
+    assert precious.read_text() == "keep me\n"
+    assert not (interim / "trn.jsonl").is_symlink() and (interim / "trn.jsonl").read_bytes().startswith(b'{"uid"')
+
+
 def test_decompress_on_a_full_disk_is_one_line_and_leaves_nothing(repo, full_disk):
     (repo / "data" / "interim").mkdir(parents=True)
     cmd = [sys.executable, "-m", "stages.decompress", "data/interim/trn.jsonl"]

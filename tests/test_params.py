@@ -200,6 +200,14 @@ def test_a_duplicate_key_is_refused_with_both_lines(tmp_path):
     assert error(path).startswith(f"params.yaml: line {text.count(chr(10)) + 1}: data: duplicate key (also at line ")
 
 
+def test_yaml_aliases_are_refused_before_they_expand(tmp_path):
+    """A params file needs no alias; nine nested ones are 9**9 strings ("billion laughs")."""
+    path = tmp_path / "params.yaml"
+    laughs = "".join(f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 9)}]\n" for i in range(1, 10))
+    path.write_text('l0: &l0 "lol"\n' + laughs + "data:\n  source: *l9\n")
+    assert error(path) == "params.yaml: l1.0: a YAML alias (*name) refers to line 1; write the value out"
+
+
 def test_questions_and_patterns_lists(tmp_path):
     assert error(with_value(tmp_path, "format", "questions", [])) == ("params.yaml: format.questions: [] is not "
                                                                      "allowed (must be a list of at least one "

@@ -260,20 +260,26 @@ def read_params(path: Path | str = PARAMS_FILE) -> Params:
 
 
 def read_yaml(path: Path):
-    """The YAML file's data; a key given twice in one mapping is an error naming both lines (PyYAML
-    keeps the last one silently, DVC refuses the file)."""
+    """The YAML file's data. A key given twice in one mapping is an error naming both lines (PyYAML
+    keeps the last one silently, DVC refuses the file); so is an alias (`*name`): a params file
+    needs none, and nested ones expand exponentially ("billion laughs")."""
     loader = yaml.SafeLoader(path.read_text(encoding="utf-8"))
     try:
         node = loader.get_single_node()
         if node is None:
             return None
-        _refuse_duplicate_keys(path, node)
+        _check_nodes(path, node, (), set())
         return loader.construct_document(node)
     finally:
         loader.dispose()
 
 
-def _refuse_duplicate_keys(path: Path, node, keys: tuple = ()) -> None:
+def _check_nodes(path: Path, node, keys: tuple, seen: set) -> None:
+    """No node twice (an alias), no key twice in a mapping."""
+    if id(node) in seen:
+        raise UserError(f"{path.name}: {'.'.join(map(str, keys)) or 'the file'}: a YAML alias (*name) refers to "
+                        f"line {node.start_mark.line + 1}; write the value out")
+    seen.add(id(node))
     if isinstance(node, yaml.MappingNode):
         lines: dict = {}
         for key, value in node.value:
@@ -282,10 +288,11 @@ def _refuse_duplicate_keys(path: Path, node, keys: tuple = ()) -> None:
                 raise UserError(f"{path.name}: line {key.start_mark.line + 1}: {where}: duplicate key "
                                 f"(also at line {lines[key.value]}); keep one")
             lines[key.value] = key.start_mark.line + 1
-            _refuse_duplicate_keys(path, value, (*keys, key.value))
+            _check_nodes(path, key, keys, seen)
+            _check_nodes(path, value, (*keys, key.value), seen)
     elif isinstance(node, yaml.SequenceNode):
-        for item in node.value:
-            _refuse_duplicate_keys(path, item, keys)
+        for index, item in enumerate(node.value):
+            _check_nodes(path, item, (*keys, index), seen)
 
 
 def _hint(name, choices) -> str:

@@ -147,11 +147,16 @@ def check_utf8(piece: bytes | memoryview, first_line: int, src: Path) -> None:
 
 def check_start(block: bytes, src: Path) -> bytes:
     """The first block, without a UTF-8 byte order mark (Windows editors write one, JSON has none);
-    a JSON array (`[{...}, ...]`, pretty-printed or not) is refused: it is not one record a line."""
+    a JSON array (`[{...}, ...]`, pretty-printed or not) or records over several lines (`jq .`) are
+    refused: they are not one record a line (preprocess would count every line malformed)."""
     block = block.removeprefix(UTF8_BOM)
-    if block.lstrip()[:1] == b"[":
+    start = block.lstrip()
+    if start[:1] == b"[":
         raise UserError(f"{src}: a JSON array, not JSON lines (one record a line); convert it first, e.g. "
                         f"`jq -c '.[]' {src.name} > trn.jsonl` (or json.load it and json.dumps each record a line)")
+    if start.split(b"\n", 1)[0].strip() == b"{":
+        raise UserError(f"{src}: pretty-printed JSON (a record over several lines), not JSON lines (one record a "
+                        f"line); convert it first, e.g. `jq -c . {src.name} > trn.jsonl`")
     return block
 
 

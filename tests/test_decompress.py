@@ -235,6 +235,13 @@ def test_a_json_array_is_named_and_how_to_convert_it(tmp_path, indent):
                "`jq -c '.[]' trn.json > trn.jsonl`")
 
 
+def test_pretty_printed_records_are_named_and_how_to_convert_them(tmp_path):
+    src = tmp_path / "trn.json"
+    src.write_text("".join(json.dumps(r, indent=2) + "\n" for r in GOOD))       # `jq .` output
+    fails(src, "pretty-printed JSON (a record over several lines), not JSON lines (one record a line); "
+               "convert it first, e.g. `jq -c . trn.json > trn.jsonl`")
+
+
 def test_a_byte_order_mark_is_dropped(tmp_path):
     out = tmp_path / "trn.jsonl"
     decompress(make("gz", tmp_path, b"\xef\xbb\xbf" + LINES), out)

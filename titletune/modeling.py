@@ -53,7 +53,7 @@ def check_model_folder(name: str, trust_remote_code: bool, what: str = "model.na
     """A local folder (a base model, or an adapter with weights="adapter_model") loads safely, else
     one line: its config is JSON; code of its own (`auto_map`) only with model.trust_remote_code;
     safetensors weights, never a pickle checkpoint (`pytorch_model.bin` only). Every loader calls
-    it; a hub id is left to the hub (safetensors only, its code refused the same way)."""
+    it; for a hub id transformers itself keeps to safetensors and asks before running its code."""
     folder = Path(name)
     if not folder.is_dir():
         return

@@ -9,7 +9,7 @@ tests/test_cleaning.py holds the expected output of each rule.
 
 Speed: RE2 (Arrow, C++) finds the values that need any work; Python runs only on those.
 Safety: the boilerplate patterns run in the `regex` module (the syntax of `re`) with a time limit
-per value, so a pattern that backtracks without end (`(a+)+$`) stops the stage with one line
+per value, so a pattern that backtracks without end (`(a|aa)+$`) stops the stage with one line
 instead of hanging it.
 """
 from __future__ import annotations
@@ -106,8 +106,8 @@ def _timed(p: regex.Pattern, method, *args):
         return method(*args, timeout=PATTERN_TIMEOUT)
     except TimeoutError:
         raise UserError(f"preprocess.boilerplate_patterns: {p.pattern!r} ran over {PATTERN_TIMEOUT:g} s on one "
-                        f"description of {len(args[-1]):,} characters (it backtracks: nested repeats such as "
-                        "(a+)+ ?); rewrite it") from None
+                        f"description of {len(args[-1]):,} characters (it backtracks: nested or overlapping "
+                        "repeats such as (a|aa)+ ?); rewrite it") from None
 
 
 def strip_boilerplate(col: pa.Array, patterns: list[regex.Pattern]) -> pa.Array:

@@ -95,6 +95,7 @@ def test_the_committed_params_are_valid_and_typed():
     ("train", "seed", -1, "must be a whole number in [0, 4294967295]"),
     ("train", "lora_r", 10**9, "must be a whole number in [1, 16384]"),
     ("train", "lora_r", 0, "must be a whole number in [1, 16384]"),
+    ("evaluate", "temperature", 1e-300, "must be a number >= 0.01 (for greedy answers set do_sample: false)"),
 ])
 def test_a_bad_value_is_one_line_with_key_value_and_range(tmp_path, section, key, value, allowed):
     # Checked whatever section a stage asks for: here `data`.

@@ -193,7 +193,9 @@ class Evaluate(Section):
     batch_size: Size
     max_new_tokens: Size
     do_sample: Flag
-    temperature: Positive
+    # Logits are divided by it: 1e-300 is 0 in float32 and every probability NaN. Below 0.01 sampling
+    # is greedy decoding anyway (do_sample: false).
+    temperature: number("a number >= 0.01 (for greedy answers set do_sample: false)", ge=0.01)
     top_p: number("a number in (0, 1]", gt=0, le=1)
     require_improvement: Flag
     # MLflow model registry: each evaluated adapter is a version of this registered model; "" = none.

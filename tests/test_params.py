@@ -54,7 +54,8 @@ def test_the_committed_params_are_valid_and_typed():
     ("train", "num_train_epochs", 0, "must be a number > 0"),
     ("evaluate", "batch_size", 0, "must be a whole number >= 1"),
     ("evaluate", "max_new_tokens", 0, "must be a whole number >= 1"),
-    ("format", "max_length", 0, "must be a whole number >= 1"),
+    ("format", "max_length", 0, "must be a whole number in [1, 1048576]"),
+    ("format", "max_length", 10**9, "must be a whole number in [1, 1048576]"),
     ("preprocess", "min_content_chars", -1, "must be a whole number >= 0"),
     ("preprocess", "max_records", -5, "must be a whole number >= 0"),
     # fractions

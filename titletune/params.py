@@ -36,6 +36,7 @@ PARAMS_FILE = Path("params.yaml")  # relative to the repository root, where DVC 
 # for English with Llama's), so the cut falls far beyond format.max_length tokens.
 CHARS_PER_TOKEN = 16
 MAX_SEED = 2**32 - 1
+MAX_LENGTH = 2**20
 # The widest hidden size of released LLMs (Llama 3.1 405B): no model has room for a larger LoRA rank.
 MAX_LORA_R = 16384
 # train keys renamed after their SFTConfig arguments: named in the error for an old params file.
@@ -133,7 +134,8 @@ class Model(Section):
 
 class Format(Section):
     style: Annotated[Literal["instruction", "chat"], Allowed("instruction or chat")]
-    max_length: Size
+    # It becomes the models' max_seq_length: 2**20 tokens is more context than any released model has.
+    max_length: whole(f"a whole number in [1, {MAX_LENGTH}]", ge=1, le=MAX_LENGTH)
     # Characters of a title or a description kept before tokenising (auto: CHARS_PER_TOKEN x max_length).
     max_chars: Annotated[Union[Literal["auto"], Annotated[int, Field(ge=1)]], Allowed("auto or a whole number >= 1")]
     questions: Annotated[list[Annotated[str, AfterValidator(_question)]], Field(min_length=1),

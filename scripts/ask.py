@@ -70,6 +70,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.question is not None:
         check_question("question", args.question.strip())   # before the model loads
+    elif sys.stdin is None:
+        raise UserError("no question given and no stdin to read questions from")
     adapter = args.adapter.resolve()
     os.chdir(ROOT)  # params.yaml and the paths in it are relative to the repository root
     model_params, fmt, ep = load_params("model", "format", "evaluate")
@@ -85,8 +87,9 @@ def main() -> None:
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
 
     import torch
-    # Bytes that are not UTF-8 reach check_question as surrogates instead of failing the read.
-    sys.stdin.reconfigure(errors="surrogateescape")
+    if args.question is None:
+        # Bytes that are not UTF-8 reach check_question as surrogates instead of failing the read.
+        sys.stdin.reconfigure(errors="surrogateescape")
     answered = skipped = 0
     for where, question in questions(args.question):
         try:

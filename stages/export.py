@@ -54,7 +54,7 @@ def main() -> None:
     model_params, fmt, export, registry = load_params("model", "format", "export", "evaluate")
     # Merge into full-precision weights: merging into a 4-bit base would round the adapter away.
     model_params = model_params.model_copy(update={"load_in_4bit": False})
-    model, tokenizer = load_for_generation(model_params, adapter_dir)
+    model, tokenizer = load_for_generation(model_params, adapter_dir, merge=False)
 
     import torch
     dtype = model.dtype if export.dtype == "auto" else getattr(torch, export.dtype)

@@ -188,8 +188,12 @@ class Engine:
         self.tokens.copy_(new)
         self.cache.column.add_(self.active.long())
         self.count.add_(self.active.long())
-        ended = torch.isin(new, self.eos) | (self.count >= self.max_new)
+        ended = self.is_eos(new) | (self.count >= self.max_new)
         self.active.logical_and_(~ended)
+
+    def is_eos(self, tokens: torch.Tensor) -> torch.Tensor:
+        """A comparison with every end-of-answer id (torch.isin may sort, and sync, on long lists)."""
+        return (tokens[:, None] == self.eos[None, :]).any(-1)
 
     def capture(self) -> None:
         """Record the decode step as a CUDA graph (after warm-up runs on a side stream)."""
@@ -233,7 +237,7 @@ class Engine:
         self.tokens[rows] = first
         self.out[rows, 0] = first
         self.count[rows] = 1
-        self.active[rows] = ~(torch.isin(first, self.eos) | (self.max_new <= 1))
+        self.active[rows] = ~(self.is_eos(first) | (self.max_new <= 1))
 
 
 def sampler(do_sample: bool, temperature: float, top_p: float):

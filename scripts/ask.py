@@ -20,8 +20,8 @@ import sys
 from pathlib import Path
 
 from titletune.cli import UserError, run_main
-from titletune.generation.engine import generation_kwargs
-from titletune.modeling import load_model, load_tuned_model, max_positions, unsloth
+from titletune.generation.engine import eos_token_ids, generate, generation_kwargs, load_for_generation
+from titletune.modeling import max_positions
 from titletune.params import load_params
 from titletune.prompt import encode_prompts
 
@@ -76,17 +76,16 @@ def main() -> None:
     os.chdir(ROOT)  # params.yaml and the paths in it are relative to the repository root
     model_params, fmt, ep = load_params("model", "format", "evaluate")
 
-    # Both loaders import unsloth before transformers and PEFT.
-    if args.base:
-        model, tokenizer = load_model(model_params, fmt.max_length)
-    else:
-        model, tokenizer = load_tuned_model(model_params, fmt.max_length, adapter)
+    model, tokenizer = load_for_generation(model_params, None if args.base else adapter)
     from transformers import TextStreamer
-    unsloth().for_inference(model)
-    model.eval()
-    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-
     import torch
+    streamer = TextStreamer(tokenizer, skip_special_tokens=True)
+    eos_ids = eos_token_ids(model, tokenizer)
+
+    def show(_, token):  # the answer as it grows, without its end-of-answer token
+        if token not in eos_ids:
+            streamer.put(torch.tensor([token]))
+
     if args.question is None:
         # Bytes that are not UTF-8 reach check_question as surrogates instead of failing the read.
         sys.stdin.reconfigure(errors="surrogateescape")
@@ -95,8 +94,8 @@ def main() -> None:
         try:
             check_question(where, question)
             # the question is text, as the titles were in training: a `</s>` in it stays characters
-            ids = torch.tensor([encode_prompts(tokenizer, [question], fmt.style)[0]], device=model.device)
-            check_length(where, ids.shape[1], max_positions(model), ep.max_new_tokens, model_params.name)
+            ids = encode_prompts(tokenizer, [question], fmt.style)[0]
+            check_length(where, len(ids), max_positions(model), ep.max_new_tokens, model_params.name)
         except UserError as err:
             if args.question is not None:
                 raise
@@ -104,8 +103,9 @@ def main() -> None:
             skipped += 1
             continue
         answered += 1
-        model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), streamer=streamer,
-                       pad_token_id=tokenizer.pad_token_id, use_cache=True, **generation_kwargs(ep))
+        generate(model, [ids], pad_token_id=tokenizer.pad_token_id, eos_ids=eos_ids, progress=False,
+                 on_token=show, **generation_kwargs(ep))
+        streamer.end()
         sys.stdout.flush()
     if args.question is None:
         print(f"ask: {answered} question(s) answered, {skipped} skipped", file=sys.stderr)

@@ -61,7 +61,10 @@ def test_models_load_in_float32_on_every_cpu(monkeypatch):
     assert FakeFastLanguageModel.asked["dtype"] is torch.float32 and modeling.compute_dtype() is torch.float32
     assert tokenizer.pad_token == "</s>"                   # no pad token: EOS pads
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert modeling.compute_dtype() is None                # GPU: Unsloth's auto (bf16, else fp16)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    assert modeling.compute_dtype() is torch.bfloat16      # GPU: bf16 where supported, else fp16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
+    assert modeling.compute_dtype() is torch.float16
 
 
 # ---------------------------------------------------------------- unsafe model folders (#22)
@@ -80,6 +83,9 @@ def test_a_pickle_only_checkpoint_is_one_line(tmp_path):
     with pytest.raises(UserError, match=rf"^model.name: {folder} has pickle weights only \(pytorch_model.bin\), "
                                         "which could run code when loaded: only safetensors are loaded"):
         load_tokenizer(model)
+    from titletune.generation.engine import load_for_generation
+    with pytest.raises(UserError, match=rf"^model.name: {folder} has pickle weights only"):
+        load_for_generation(model)                            # evaluate's, export's and ask's loader
     (folder / "pytorch_model.bin").unlink()
     with pytest.raises(UserError, match=rf"^model.name: {folder} has no model.safetensors \(no weights to load\)$"):
         load_tokenizer(model)
@@ -105,8 +111,9 @@ def test_a_pickled_adapter_is_refused_before_the_base_loads(tmp_path):
     adapter.mkdir()
     (adapter / "adapter_config.json").write_text("{}")
     (adapter / "adapter_model.bin").write_bytes(b"\x80\x04pickle")
+    from titletune.generation.engine import load_for_generation
     with pytest.raises(UserError, match=rf"^adapter: {adapter} has pickle weights only \(adapter_model.bin\)"):
-        load_tuned_model(TINY, 128, adapter)
+        load_for_generation(TINY, adapter)                   # evaluate's, export's and ask's loader
 
 
 

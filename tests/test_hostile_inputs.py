@@ -10,6 +10,10 @@ gives one clear line (no traceback), leaves no half-written output, and the next
 - Ctrl-C in train: one line with the step and the checkpoint kept, MLflow run KILLED
 - a failed train run (DVC has deleted its outputs): `git checkout params.yaml && dvc checkout`
   brings back the last good adapter, metrics and plots
+- #22: a pickle-only model folder (one line in the first stage that reads it), an output path that
+  is a symlink (replaced, not written through), answers longer than the model's positions (evaluate
+  and export refuse them). The other #22 cases are beside their modules: tests/test_params.py,
+  test_decompress.py, test_cleaning.py, test_preprocess.py, test_modeling.py, test_sft.py, test_ask.py.
 """
 from __future__ import annotations
 
@@ -212,6 +216,49 @@ def test_tokenize_format_with_hostile_records_after_a_kill_9(repo, tmp_path):
     assert HOSTILE_TITLE in tokenizer.decode(ids) and tokenizer.decode(ids).endswith("Still text.</s></s>")
 
 
+# ---------------------------------------------------------------- evaluate and export (#22)
+
+ADAPTER = """
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained("models/tiny-llama")
+get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj"])).save_pretrained("models/adapter")
+"""
+
+
+def all_done(procs: dict) -> dict:
+    done = {}
+    for name, proc in procs.items():
+        out, err = proc.communicate(timeout=600)
+        done[name] = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    return done
+
+
+@pytest.mark.slow
+def test_answers_longer_than_the_model_positions_are_refused(repo):
+    """evaluate.max_new_tokens: 1e8 generated for ever (#22); export's parity answers the same way.
+    Formatted data and an untrained adapter are enough: the stages refuse before generating."""
+    write_processed(repo, huge_chars=100)
+    start = {"cwd": repo, "env": ENV, "stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
+    for name, proc in all_done({   # at once: most of each is importing
+            "format": subprocess.Popen([sys.executable, "-m", "stages.tokenize_format", "data/processed",
+                                        "data/formatted", "metrics/format.json"], **start),
+            "adapter": subprocess.Popen([sys.executable, "-c", ADAPTER], **start)}).items():
+        assert proc.returncode == 0, (name, proc.stderr[-3000:])
+    set_params(repo, {"evaluate": {"max_new_tokens": 10**8}, "export": {"parity_max_new_tokens": 1024}})
+    done = all_done({
+        "evaluate": subprocess.Popen([sys.executable, "-m", "stages.evaluate", "data/formatted", "models/adapter",
+                                      "metrics"], **start),
+        "export": subprocess.Popen([sys.executable, "-m", "stages.export", "data/formatted", "models/adapter",
+                                    "models/merged", "metrics/export.json"], **start)})
+    assert re.fullmatch(r"error: params\.yaml: evaluate\.max_new_tokens: 100000000 is not allowed with "
+                        r"models/tiny-llama \(must be at most \d+: its 1,024 positions less the longest test "
+                        r"prompt, \d+ tokens\)", one_error(done["evaluate"]))
+    assert one_error(done["export"]).startswith("error: params.yaml: export.parity_max_new_tokens: 1024 is not "
+                                                "allowed with models/tiny-llama (must be at most ")
+    assert not (repo / "metrics" / "eval.json").exists() and not (repo / "models" / "merged").exists()
+
+
 # ---------------------------------------------------------------- train (copies of the session's pipeline_repo)
 
 @pytest.fixture
@@ -234,27 +281,6 @@ def untouched(repo: Path, before: dict) -> None:
     assert tree_md5(repo / "models" / "adapter") == before
     for folder in (repo / "models", repo / "metrics", *repo.glob(".titletune/checkpoints/*")):
         assert hidden(folder) == [], folder
-
-
-@pytest.mark.slow
-def test_answers_longer_than_the_model_positions_are_refused(trained):
-    """evaluate.max_new_tokens: 1e8 generated for ever (#22); export's parity answers the same way."""
-    repo, env = trained
-    set_params(repo, {"evaluate": {"max_new_tokens": 10**8}, "export": {"parity_max_new_tokens": 1024}})
-    commands = {"evaluate": [sys.executable, "-m", "stages.evaluate", "data/formatted", "models/adapter", "metrics"],
-                "export": [sys.executable, "-m", "stages.export", "data/formatted", "models/adapter", "models/merged",
-                           "metrics/export.json"]}
-    procs = {name: subprocess.Popen(cmd, cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for name, cmd in commands.items()}           # both at once: most of each is loading Unsloth
-    done = {}
-    for name, proc in procs.items():
-        out, err = proc.communicate(timeout=600)
-        done[name] = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
-    assert re.fullmatch(r"error: params\.yaml: evaluate\.max_new_tokens: 100000000 is not allowed with "
-                        r"models/tiny-llama \(must be at most \d+: its 1,024 positions less the longest test "
-                        r"prompt, \d+ tokens\)", one_error(done["evaluate"]))
-    assert one_error(done["export"]).startswith("error: params.yaml: export.parity_max_new_tokens: 1024 is not "
-                                                "allowed with models/tiny-llama (must be at most ")
 
 
 @pytest.mark.slow

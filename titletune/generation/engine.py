@@ -309,7 +309,14 @@ def _run(model, prompts, results, slots, length, max_new_tokens, eos_ids, sample
     """Fill slots with the prompts not answered yet, longest first, until every prompt has its answer."""
     pending = deque(sorted((i for i, r in enumerate(results) if r is None), key=lambda i: -len(prompts[i])))
     engine = Engine(model, slots, length, max_new_tokens, eos_ids, sample)
-    engine.capture()
+    try:
+        engine.capture()
+    except torch.OutOfMemoryError:
+        raise
+    except RuntimeError as err:  # a model whose forward cannot be captured still generates, eagerly
+        engine.graph = None
+        tqdm.write(f"generation: the decode step runs without a CUDA graph ({str(err).splitlines()[0][:200]})",
+                   file=sys.stderr)
     owner = [-1] * slots  # the prompt each slot is answering
     shown = [0] * slots   # tokens of its answer passed to on_token
     refill_at = max(1, slots // 8)  # refill when this many slots are free (or none is busy)

@@ -200,17 +200,20 @@ class Engine:
         if not self.model.device.type == "cuda" or self.sample is not None:
             return
         saved = [t.clone() for t in (self.tokens, self.count, self.active, self.cache.column, self.out)]
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):
+        try:
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(2):
+                    self.step()
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
                 self.step()
-        torch.cuda.current_stream().wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.step()
-        for t, s in zip((self.tokens, self.count, self.active, self.cache.column, self.out), saved):
-            t.copy_(s)  # the warm-up and capture ran the step: undo its writes
+            self.graph = graph
+        finally:
+            for t, s in zip((self.tokens, self.count, self.active, self.cache.column, self.out), saved):
+                t.copy_(s)  # the warm-up and capture ran the step: undo its writes
 
     def decode(self) -> None:
         if self.graph is not None:

@@ -17,14 +17,18 @@ model `evaluate.registered_model`, tagged with these metrics, the data md5 and t
 """
 from __future__ import annotations
 
+from titletune.cli import UserError, atomic_path, command_line, run_main, write_json
+
+ARGUMENTS = "DATA_DIR ADAPTER_DIR METRICS_DIR"
+if __name__ == "__main__":  # before the imports below: a wrong command line is told at once
+    command_line(ARGUMENTS)
+
 import contextlib
 import json
-import sys
 from pathlib import Path
 
 import torch
 
-from titletune.cli import UserError, atomic_path, run_main, write_json
 from titletune.generation.engine import (SAMPLING_SEED, eos_token_ids, generate, generation_kwargs, prompt_ids,
                                          reference_nll, until_eos)
 from titletune.generation.metrics import delta, score
@@ -85,7 +89,7 @@ def plot_comparison(results: dict, n: int, path: Path) -> None:
 
 
 def main() -> None:
-    data_dir, adapter_dir, metrics_dir = map(Path, sys.argv[1:4])
+    data_dir, adapter_dir, metrics_dir = command_line(ARGUMENTS)
     model_params, fmt, ep = load_params("model", "format", "evaluate")
     examples = select_examples(load_formatted(data_dir)["test"], ep.max_samples)
     if len(examples) == 0:

@@ -23,11 +23,15 @@ the registered model `evaluate.registered_model` (titletune.tracking.register_ex
 """
 from __future__ import annotations
 
+from titletune.cli import UserError, atomic_path, command_line, run_main, write_json
+
+ARGUMENTS = "DATA_DIR ADAPTER_DIR OUT_DIR REPORT_JSON"
+if __name__ == "__main__":  # before the imports below: a wrong command line is told at once
+    command_line(ARGUMENTS)
+
 import gc
-import sys
 from pathlib import Path
 
-from titletune.cli import UserError, atomic_path, run_main, write_json
 from titletune.export.merge import compare, parity_problems, set_chat_template, set_generation_eos
 from titletune.generation.engine import eos_token_ids, generate, prompt_ids, reference_nll, until_eos
 from titletune.modeling import load_formatted, load_tuned_model
@@ -49,7 +53,7 @@ def parity_scores(model, tokenizer, examples, export, eos_ids: set[int], name: s
 
 
 def main() -> None:
-    data_dir, adapter_dir, out_dir, report_path = map(Path, sys.argv[1:5])
+    data_dir, adapter_dir, out_dir, report_path = command_line(ARGUMENTS)
     model_params, fmt, export, registry = load_params("model", "format", "export", "evaluate")
     # Merge into full-precision weights: merging into a 4-bit base would round the adapter away.
     model_params = model_params.model_copy(update={"load_in_4bit": False})

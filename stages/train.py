@@ -11,6 +11,12 @@ reached and which checkpoint is kept; the MLflow run then ends KILLED (FAILED on
 The same code runs on CPU (the embedded tiny model), one GPU and N GPUs: with `train.gpus` > 1
 it relaunches itself under torchrun (DDP); only rank 0 writes files and MLflow records.
 """
+from titletune.cli import EXIT_INTERRUPTED, Interrupted, command_line, run_main, write_json, writing
+
+ARGUMENTS = "DATA_DIR ADAPTER_DIR METRICS_DIR"
+if __name__ == "__main__":  # before the imports below: a wrong command line is told at once
+    command_line(ARGUMENTS)
+
 from titletune.training.sft import (Throughput, add_lora, check_names, eval_sets,  # first: imports Unsloth
                                     fit_packed_rows, hardware_settings, losses, losses_before, rank_step_times,
                                     run_metrics, save_adapter, sft_config, timed_train, train_val_sets)
@@ -23,7 +29,6 @@ from pathlib import Path
 import torch
 from trl import SFTTrainer
 
-from titletune.cli import EXIT_INTERRUPTED, Interrupted, run_main, write_json, writing
 from titletune.modeling import load_formatted, load_model
 from titletune.params import load_params
 from titletune.tracking import ended_if_failed, finish_training_run, start_training_run
@@ -86,7 +91,7 @@ def write_outputs(trainer, metrics: dict, history: list[dict], adapter_dir: Path
 
 
 def main() -> None:
-    data_dir, adapter_dir, metrics_dir = map(Path, sys.argv[1:4])
+    data_dir, adapter_dir, metrics_dir = command_line(ARGUMENTS)
     model_params, fmt, tp = load_params("model", "format", "train")
     check_names(tp)
     n_gpus = resolve_gpus(tp.gpus)

@@ -59,6 +59,41 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
+def command_line(arguments: str) -> list[Path | None]:
+    """The paths a command takes, checked against `arguments` ("DATA_DIR ADAPTER_DIR METRICS_DIR";
+    a leading "[SOURCE]" is optional). A missing or extra argument, an option (every knob is in
+    params.yaml) or an empty path prints the usage line and exits 2; -h/--help prints it and exits 0.
+    A stage calls it first, before its heavy imports, so a wrong command line is told at once."""
+    names, given = arguments.split(), sys.argv[1:]
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    usage = f"usage: python {f'-m {spec.name}' if spec else sys.argv[0]} {arguments}"
+    if given and given[0] in ("-h", "--help"):
+        print(usage)
+        sys.exit(0)
+    required = [n for n in names if not n.startswith("[")]
+    option = next((a for a in given if a.startswith("-")), None)
+    if option is not None:
+        why = f"unexpected option {option}: every knob is in params.yaml"
+    elif len(given) < len(required):
+        why = f"missing {' '.join(required[len(given):])}"
+    elif len(given) > len(names):
+        why = f"unexpected {' '.join(given[len(names):])}"
+    elif "" in given:
+        why = "an empty path"
+    else:
+        spare = len(given) - len(required)   # optional names are filled first, from the left
+        paths = []
+        for name in names:
+            if name.startswith("[") and not spare:
+                paths.append(None)
+                continue
+            spare -= name.startswith("[")
+            paths.append(Path(given.pop(0)))
+        return paths
+    _fail(f"{usage}  ({why})", EXIT_USER)
+
+
 def _fail(line: str, code: int) -> None:
     # A progress bar cut short leaves the cursor at its end: close it, so the line starts a line.
     tqdm = sys.modules.get("tqdm")

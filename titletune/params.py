@@ -22,14 +22,13 @@ import difflib
 import json
 import re
 import string
-import sys
 from pathlib import Path
 from typing import Annotated, Literal, Union
 
 import yaml
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
-from titletune.cli import UserError, run_main
+from titletune.cli import UserError, command_line, run_main
 
 PARAMS_FILE = Path("params.yaml")  # relative to the repository root, where DVC runs the stages
 # format.max_chars: auto: more characters than a token of any tokenizer spans on average (about 4
@@ -287,9 +286,8 @@ def _show(value) -> str:
 
 def main() -> None:
     """Check a params file whole (params.yaml by default); one line either way."""
-    if len(sys.argv) > 2:
-        raise UserError("usage: python -m titletune.params [PARAMS_YAML]")
-    path = Path(sys.argv[1]) if len(sys.argv) == 2 else PARAMS_FILE
+    (path,) = command_line("[PARAMS_YAML]")
+    path = path or PARAMS_FILE
     read_params(path)
     print(f"{path}: OK (sections {', '.join(Params.model_fields)})")
 

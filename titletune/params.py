@@ -143,8 +143,9 @@ class Train(Section):
     lora_dropout: Fraction
     target_modules: Annotated[list[Text], Field(min_length=1), Allowed("a list of module names")]
     gradient_checkpointing: Annotated[Union[bool, Literal["unsloth"]], Allowed("false, true or unsloth")]
-    # 0: per_device_train_batch_size examples a step; N: packed rows of at most N tokens (titletune.training.batching).
-    tokens_per_step: Count
+    # auto: a token budget on a GPU, examples per step on a CPU; 0: per_device_train_batch_size examples
+    # a step; N: packed rows of at most N tokens (titletune.training.batching).
+    tokens_per_step: Annotated[Union[Literal["auto"], Annotated[int, Field(ge=0)]], Allowed("auto or a whole number >= 0")]
     # N > 0: stop once the validation loss has not improved for N evaluations; keep the best checkpoint.
     early_stopping_patience: Count
     # Validation examples evaluated every eval_steps (a fixed sample, titletune.splits); 0 = all.
@@ -252,11 +253,12 @@ def _hint(name, choices) -> str:
 
 def _describe(problem: dict) -> str:
     """One pydantic error as `key: value is not allowed (must be ...)`."""
-    # Union members add their own entries to loc ("literal['auto']", "int"): keep the path.
-    loc = [p for p in problem["loc"] if isinstance(p, int) or not _member_tag(p)]
+    # params.yaml is two levels deep: loc is (section, key, then list indexes and whatever pydantic
+    # adds for the member of a union that failed, "int" or "literal['auto']": not part of the key).
+    loc = problem["loc"]
     section = loc[0]
-    names = [str(p) for p in loc if isinstance(p, str)]
-    key = ".".join(names) + "".join(f"[{p}]" for p in loc if isinstance(p, int))
+    names = [str(p) for p in loc[:2]]
+    key = ".".join(names) + "".join(f"[{p}]" for p in loc[2:] if isinstance(p, int))
     fields = Params.model_fields[section].annotation.model_fields
     kind = problem["type"]
     if kind == "missing":
@@ -273,11 +275,6 @@ def _describe(problem: dict) -> str:
         return f"{key}: {_show(problem['input'])} is not allowed ({problem['ctx']['error']})"
     allowed = next(m for m in fields[names[1]].metadata if isinstance(m, Allowed))
     return f"{key}: {_show(problem['input'])} is not allowed (must be {allowed})"
-
-
-def _member_tag(part: str) -> bool:
-    return part in ("int", "float", "bool", "str") or part.startswith(("literal[", "constrained-",
-                                                                       "function-"))
 
 
 def _show(value) -> str:

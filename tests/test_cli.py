@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from titletune.cli import Interrupted, UserError, atomic_path, command_line, run_main, write_json, writing
+from titletune.cli import (Interrupted, UserError, atomic_path, command_line, new_figure, run_main, write_json,
+                           write_png, writing)
 
 
 def test_user_error_is_one_line_and_exit_code_2(capsys):
@@ -190,3 +191,15 @@ def test_no_heavy_library_is_imported_before_the_command_line_is_checked():
     proc = run([sys.executable, "-c", code], ROOT)
     assert proc.stdout.strip() == "[]", proc.stdout
     assert proc.stderr.count("usage: python -m stages.") == len(STAGES)
+
+
+def test_a_plot_is_written_whole_and_its_figure_closed(tmp_path):
+    import matplotlib.pyplot as plt
+    fig, ax = new_figure(figsize=(2, 2))
+    ax.plot([1, 2, 3])
+    write_png(fig, tmp_path / "curve.png")
+    assert (tmp_path / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and not plt.fignum_exists(fig.number)
+    fig, _ = new_figure()
+    with pytest.raises(AttributeError):
+        write_png(fig, tmp_path / "broken.png", bbox_inches="no such box")   # savefig fails half-way
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["curve.png"] and not plt.fignum_exists(fig.number)

@@ -199,3 +199,23 @@ def remove_stale_temps(final: Path) -> None:
 def write_json(path: Path | str, obj) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+# ---------------------------------------------------------------- plots
+
+def new_figure(**subplots):
+    """(figure, axes) from matplotlib's subplots, drawn off-screen (no display needed)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt.subplots(**subplots)
+
+
+def write_png(fig, path: Path | str, **savefig) -> None:
+    """The figure as a PNG (100 dpi), written atomically; the figure is closed either way."""
+    import matplotlib.pyplot as plt
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=100, **savefig)
+    finally:
+        plt.close(fig)

@@ -64,6 +64,12 @@ def test_killed_training_resumes_from_its_last_checkpoint(pipeline_repo, tmp_pat
         proc.wait()
     resumed = run(["dvc", "repro", "train"], repo, timeout=600)
     assert "resuming from the last checkpoint" in resumed.stdout + resumed.stderr
+    # The killed run's MLflow run stayed RUNNING; the next start ended it KILLED (and only it).
+    assert "ended 1 MLflow run(s) of this repository whose process was killed" in resumed.stdout
+    from mlflow import MlflowClient
+    client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert sorted(r.info.status for r in runs) == ["FINISHED", "FINISHED", "KILLED"], [r.info for r in runs]
     metrics = json.loads((repo / "metrics" / "train.json").read_text())
     assert metrics["steps"] == 24
     assert not list((repo / ".titletune" / "checkpoints").glob("*/checkpoint-*"))  # cleaned after success

@@ -203,3 +203,19 @@ def test_a_plot_is_written_whole_and_its_figure_closed(tmp_path):
     with pytest.raises(AttributeError):
         write_png(fig, tmp_path / "broken.png", bbox_inches="no such box")   # savefig fails half-way
     assert sorted(p.name for p in tmp_path.iterdir()) == ["curve.png"] and not plt.fignum_exists(fig.number)
+
+
+@pytest.mark.parametrize("argv, why", [
+    (["data/formatted", "data/formatted", "metrics"], "DATA_DIR and ADAPTER_DIR are the same path, data/formatted"),
+    (["data/formatted", "./data/formatted/", "metrics"], "DATA_DIR and ADAPTER_DIR are the same path, data/formatted"),
+    (["data/formatted", "models/adapter", "data/formatted/metrics"],
+     "METRICS_DIR (data/formatted/metrics) is inside DATA_DIR (data/formatted)"),
+])
+def test_paths_that_overlap_are_refused_before_anything_is_written(argv, why, monkeypatch, capsys):
+    """An output on or inside an input would replace or corrupt it (the training data by the adapter)."""
+    monkeypatch.setattr(sys, "argv", ["stages/train.py", *argv])
+    with pytest.raises(SystemExit) as exit_:
+        command_line("DATA_DIR ADAPTER_DIR METRICS_DIR")
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: python ") and err.endswith(f" DATA_DIR ADAPTER_DIR METRICS_DIR  ({why})\n"), err

@@ -104,6 +104,11 @@ def test_an_unusable_store_is_one_line_in_seconds(tmp_path, monkeypatch):
         assert str(err.value).startswith(f"MLflow store {uri}: ") and why in str(err.value), str(err.value)
         assert "\n" not in str(err.value)
     assert "MLFLOW_HTTP_REQUEST_MAX_RETRIES" not in os.environ    # the quick try is the check's own
+    # A password in the URI is never printed.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://alice:s3cret-token@127.0.0.1:{closed_port()}")
+    with pytest.raises(UserError) as err:
+        check_store()
+    assert "s3cret" not in str(err.value) and f"MLflow store http://alice:***@127.0.0.1:" in str(err.value)
 
 
 def test_train_stops_on_an_unusable_store_before_loading_anything(repo, tmp_path):

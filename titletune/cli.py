@@ -62,7 +62,8 @@ def _interrupt(signum, frame):
 def command_line(arguments: str) -> list[Path | None]:
     """The paths a command takes, checked against `arguments` ("DATA_DIR ADAPTER_DIR METRICS_DIR";
     a leading "[SOURCE]" is optional). A missing or extra argument, an option (every knob is in
-    params.yaml) or an empty path prints the usage line and exits 2; -h/--help prints it and exits 0.
+    params.yaml), an empty path or two paths that overlap print the usage line and exit 2;
+    -h/--help prints it and exits 0.
     A stage calls it first, before its heavy imports, so a wrong command line is told at once."""
     names, given = arguments.split(), sys.argv[1:]
     main = sys.modules.get("__main__")
@@ -83,15 +84,30 @@ def command_line(arguments: str) -> list[Path | None]:
         why = "an empty path"
     else:
         spare = len(given) - len(required)   # optional names are filled first, from the left
-        paths = []
+        paths = {}
         for name in names:
             if name.startswith("[") and not spare:
-                paths.append(None)
+                paths[name] = None
                 continue
             spare -= name.startswith("[")
-            paths.append(Path(given.pop(0)))
-        return paths
+            paths[name] = Path(given.pop(0))
+        why = _overlap({name.strip("[]"): path for name, path in paths.items() if path is not None})
+        if why is None:
+            return list(paths.values())
     _fail(f"{usage}  ({why})", EXIT_USER)
+
+
+def _overlap(paths: dict[str, Path]) -> str | None:
+    """Two paths that are one, or one inside the other: an output written there would replace or
+    corrupt an input (`ADAPTER_DIR` = `DATA_DIR` replaces the training data with the adapter)."""
+    resolved = {name: path.resolve() for name, path in paths.items()}
+    for first, a in resolved.items():
+        for second, b in resolved.items():
+            if first != second and a == b:
+                return f"{first} and {second} are the same path, {paths[first]}"
+            if first != second and b in a.parents:
+                return f"{first} ({paths[first]}) is inside {second} ({paths[second]})"
+    return None
 
 
 def _fail(line: str, code: int) -> None:

@@ -27,6 +27,7 @@ import os
 import socket
 import time
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import yaml
 
@@ -62,12 +63,22 @@ def check_store() -> None:
         text = " ".join(str(err).split())
         reason = "the server does not answer" if "Max retries exceeded" in text or "Connection" in text \
             else f"{type(err).__name__}: {text[:200]}"
-        raise UserError(f"MLflow store {uri}: cannot be used ({reason}); "
+        password = urlsplit(uri).password
+        raise UserError(f"MLflow store {shown_uri(uri)}: cannot be used "
+                        f"({reason.replace(password, '***') if password else reason}); "
                         "fix MLFLOW_TRACKING_URI or unset it (mlflow.db in the repository)") from None
     finally:
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)
+
+
+def shown_uri(uri: str) -> str:
+    """The store's URI without its password (`https://user:TOKEN@host`), for messages and logs."""
+    parts = urlsplit(uri)
+    if not parts.password:
+        return uri
+    return urlunsplit(parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@", 1)))
 
 
 def _check_sqlite(uri: str) -> None:

@@ -131,8 +131,8 @@ def main() -> None:
     stopped = (f"; stopped early ({metrics['stop_reason']}), adapter of step {metrics['best_step']}"
                if metrics["stopped_early"] else "")
     print(f"train: {metrics['steps']} steps in {runtime:.0f} s, {metrics['tokens_per_s']:,.0f} tokens/s "
-          f"({metrics['batching']}; attention {attention}), val loss {before['val_loss']:.3f} -> {after['val_loss']:.3f}{stopped}; "
-          f"adapter in {adapter_dir}")
+          f"({metrics['batching']}; attention {attention}), val loss {before['val_loss']:.3f} -> "
+          f"{after['val_loss']:.3f}{stopped}; adapter in {adapter_dir}")
 
 
 if __name__ == "__main__":

@@ -86,6 +86,7 @@ Count = whole("a whole number >= 0", ge=0)
 Size = whole("a whole number >= 1", ge=1)
 Fraction = number("a number in [0, 1)", ge=0, lt=1)
 Positive = number("a number > 0", gt=0)
+AutoOrCount = Annotated[Union[Literal["auto"], Annotated[int, Field(ge=0)]], Allowed("auto or a whole number >= 0")]
 
 
 class Section(BaseModel):
@@ -136,7 +137,7 @@ class Format(Section):
 
 
 class Train(Section):
-    gpus: Annotated[Union[Literal["auto"], Annotated[int, Field(ge=0)]], Allowed("auto or a whole number >= 0")]
+    gpus: AutoOrCount
     seed: Count
     lora_r: Size
     lora_alpha: Size
@@ -145,7 +146,7 @@ class Train(Section):
     gradient_checkpointing: Annotated[Union[bool, Literal["unsloth"]], Allowed("false, true or unsloth")]
     # auto: a token budget on a GPU, examples per step on a CPU; 0: per_device_train_batch_size examples
     # a step; N: packed rows of at most N tokens (titletune.training.batching).
-    tokens_per_step: Annotated[Union[Literal["auto"], Annotated[int, Field(ge=0)]], Allowed("auto or a whole number >= 0")]
+    tokens_per_step: AutoOrCount
     # N > 0: stop once the validation loss has not improved for N evaluations; keep the best checkpoint.
     early_stopping_patience: Count
     # Validation examples evaluated every eval_steps (a fixed sample, titletune.splits); 0 = all.

@@ -1,9 +1,10 @@
 """LoRA / QLoRA training with Unsloth and TRL: the SFTConfig, the adapter, the losses, measuring.
 
 sft_config passes the train params that carry SFTConfig's own names straight through (SFT_KEYS,
-derived from the two classes' fields) and adds what the hardware decides (hardware_settings: precision, `optim: auto`), the batching
-(titletune.training.batching) and early stopping (titletune.training.early_stopping). Resuming a killed run:
-titletune.training.resuming; the per-step loss log and plot: titletune.training.loss_log.
+derived from the two classes' fields) and adds what the hardware decides (hardware_settings:
+precision, `optim: auto`), the batching (titletune.training.batching) and early stopping
+(titletune.training.early_stopping). Resuming a killed run: titletune.training.resuming; the
+per-step loss log and plot: titletune.training.loss_log.
 """
 from __future__ import annotations
 

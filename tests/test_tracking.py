@@ -215,3 +215,13 @@ def test_a_stage_rerun_with_other_settings_logs_into_a_run_of_its_own(tmp_path, 
     record = client.get_run(separate)
     assert record.data.params["evaluate.max_samples"] == "16" and record.data.tags["train_run_id"] == first
     assert record.info.run_name.startswith("evaluate-")
+    client.delete_run(training.info.run_id)                 # deleted in the UI: MLflow refuses to log into it
+    assert log_evaluation(params, report, [], tmp_path / "train.json") not in (first, separate)
+
+
+@pytest.mark.parametrize("damaged", ["not json", "[1, 2]", '{"mlflow_run_id": 7}'])
+def test_a_damaged_train_json_is_said_and_the_results_go_to_a_run_of_their_own(damaged, tmp_path, capsys):
+    from titletune.tracking import _train_json_run_id
+    (tmp_path / "train.json").write_text(damaged)
+    assert _train_json_run_id(tmp_path / "train.json") is None
+    assert "train.json: no mlflow_run_id (damaged?)" in capsys.readouterr().out

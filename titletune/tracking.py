@@ -268,18 +268,31 @@ def adapter_md5(adapter_dir: Path) -> str:
 
 
 def _train_json_run_id(train_metrics: Path = Path("metrics/train.json")) -> str | None:
-    """The adapter's training run id, as train wrote it in metrics/train.json."""
-    return json.loads(train_metrics.read_text()).get("mlflow_run_id") if train_metrics.is_file() else None
+    """The adapter's training run id, as train wrote it in metrics/train.json (a damaged file: said,
+    and None: the stage logs into a run of its own)."""
+    if not train_metrics.is_file():
+        return None
+    try:
+        run_id = json.loads(train_metrics.read_text(encoding="utf-8")).get("mlflow_run_id")
+    except (ValueError, AttributeError):
+        run_id = None
+    if not isinstance(run_id, str):
+        print(f"{train_metrics}: no mlflow_run_id (damaged?); the results go to an MLflow run of their own",
+              flush=True)
+        return None
+    return run_id
 
 
 def _training_run_id(mlflow, train_metrics: Path = Path("metrics/train.json")) -> str | None:
-    """The adapter's training run, if it is in this store."""
+    """The adapter's training run, if it is in this store (and not deleted there: MLflow refuses to
+    log into a deleted run)."""
     from mlflow.exceptions import MlflowException
     run_id = _train_json_run_id(train_metrics)
     try:
-        return mlflow.get_run(run_id).info.run_id if run_id else None
+        info = mlflow.get_run(run_id).info if run_id else None
     except MlflowException:
         return None
+    return info.run_id if info and info.lifecycle_stage == "active" else None
 
 
 def adapter_version(name: str, adapter_dir: Path, holder_run_id: str | None = None):

@@ -36,6 +36,8 @@ from titletune.cli import Interrupted, UserError
 PROCESS_TAGS = ("titletune.repo", "titletune.host", "titletune.pid", "titletune.pid_started")
 
 
+# ---------------------------------------------------------------- the store
+
 def setup():
     """The store: MLFLOW_TRACKING_URI (a team server) if set, else mlflow.db (sqlite, git-ignored)
     in the repository root; `mlflow ui --backend-store-uri sqlite:///mlflow.db` shows it."""
@@ -100,6 +102,8 @@ def _check_sqlite(uri: str) -> None:
     elif not folder.is_dir() or not os.access(folder, os.W_OK):
         raise UserError(f"MLflow store {uri}: {path} cannot be created ({folder} is not a writable folder)")
 
+
+# ---------------------------------------------------------------- the training run
 
 def data_md5_from_lock(path: str = "data/formatted", lock: Path | str = "dvc.lock") -> str | None:
     """The md5 DVC recorded for the training data (dvc.lock is written after each stage)."""
@@ -203,6 +207,48 @@ def ended_if_failed():
         raise
 
 
+def finish_training_run(metrics: dict, adapter_dir: Path, plots: list[Path], hardware: str) -> None:
+    """The final metrics, the adapter and the plots of the active training run; then end it."""
+    import mlflow
+    mlflow.log_metrics({f"final_{k}": float(v) for k, v in metrics.items()
+                        if isinstance(v, (int, float)) and not isinstance(v, bool)})
+    mlflow.log_artifacts(str(adapter_dir), "adapter")
+    for plot in plots:
+        mlflow.log_artifact(str(plot), "plots")
+    mlflow.set_tags({"hardware": hardware, "attention": metrics["attention"]})
+    mlflow.end_run()
+
+
+# ---------------------------------------------------------------- evaluate and export: the training run
+
+def _train_json_run_id(train_metrics: Path = Path("metrics/train.json")) -> str | None:
+    """The adapter's training run id, as train wrote it in metrics/train.json (a damaged file: said,
+    and None: the stage logs into a run of its own)."""
+    if not train_metrics.is_file():
+        return None
+    try:
+        run_id = json.loads(train_metrics.read_text(encoding="utf-8")).get("mlflow_run_id")
+    except (ValueError, AttributeError):
+        run_id = None
+    if not isinstance(run_id, str):
+        print(f"{train_metrics}: no mlflow_run_id (damaged?); the results go to an MLflow run of their own",
+              flush=True)
+        return None
+    return run_id
+
+
+def _training_run_id(mlflow, train_metrics: Path = Path("metrics/train.json")) -> str | None:
+    """The adapter's training run, if it is in this store (and not deleted there: MLflow refuses to
+    log into a deleted run)."""
+    from mlflow.exceptions import MlflowException
+    run_id = _train_json_run_id(train_metrics)
+    try:
+        info = mlflow.get_run(run_id).info if run_id else None
+    except MlflowException:
+        return None
+    return info.run_id if info and info.lifecycle_stage == "active" else None
+
+
 @contextlib.contextmanager
 def stage_run(params, section: str, train_metrics: Path = Path("metrics/train.json")):
     """The run evaluate or export logs into, with params.yaml's `section` added as params: the
@@ -246,18 +292,6 @@ def log_export(params, report: dict) -> str:
         return run.info.run_id
 
 
-def finish_training_run(metrics: dict, adapter_dir: Path, plots: list[Path], hardware: str) -> None:
-    """The final metrics, the adapter and the plots of the active training run; then end it."""
-    import mlflow
-    mlflow.log_metrics({f"final_{k}": float(v) for k, v in metrics.items()
-                        if isinstance(v, (int, float)) and not isinstance(v, bool)})
-    mlflow.log_artifacts(str(adapter_dir), "adapter")
-    for plot in plots:
-        mlflow.log_artifact(str(plot), "plots")
-    mlflow.set_tags({"hardware": hardware, "attention": metrics["attention"]})
-    mlflow.end_run()
-
-
 # ---------------------------------------------------------------- model registry
 
 def adapter_md5(adapter_dir: Path) -> str:
@@ -265,34 +299,6 @@ def adapter_md5(adapter_dir: Path) -> str:
     import hashlib
     with open(adapter_dir / "adapter_model.safetensors", "rb") as f:
         return hashlib.file_digest(f, "md5").hexdigest()
-
-
-def _train_json_run_id(train_metrics: Path = Path("metrics/train.json")) -> str | None:
-    """The adapter's training run id, as train wrote it in metrics/train.json (a damaged file: said,
-    and None: the stage logs into a run of its own)."""
-    if not train_metrics.is_file():
-        return None
-    try:
-        run_id = json.loads(train_metrics.read_text(encoding="utf-8")).get("mlflow_run_id")
-    except (ValueError, AttributeError):
-        run_id = None
-    if not isinstance(run_id, str):
-        print(f"{train_metrics}: no mlflow_run_id (damaged?); the results go to an MLflow run of their own",
-              flush=True)
-        return None
-    return run_id
-
-
-def _training_run_id(mlflow, train_metrics: Path = Path("metrics/train.json")) -> str | None:
-    """The adapter's training run, if it is in this store (and not deleted there: MLflow refuses to
-    log into a deleted run)."""
-    from mlflow.exceptions import MlflowException
-    run_id = _train_json_run_id(train_metrics)
-    try:
-        info = mlflow.get_run(run_id).info if run_id else None
-    except MlflowException:
-        return None
-    return info.run_id if info and info.lifecycle_stage == "active" else None
 
 
 def adapter_version(name: str, adapter_dir: Path, holder_run_id: str | None = None):

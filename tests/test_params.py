@@ -241,3 +241,11 @@ def test_the_key_in_a_message_does_not_depend_on_how_pydantic_names_union_member
               "ctx": {"error": "must contain {title} and no other {...} placeholder"}}
     assert _describe(listed) == 'format.questions[1]: "Hi" is not allowed (must contain {title} and no other ' \
                                 '{...} placeholder)'
+
+
+def test_a_folder_or_a_binary_file_as_params_is_one_line(tmp_path):
+    (tmp_path / "binary.yaml").write_bytes(b"\xff\xfe\x00train:")
+    with pytest.raises(UserError, match=r"^.*/binary.yaml: not UTF-8 text \(byte 0\)$"):
+        read_params(tmp_path / "binary.yaml")
+    with pytest.raises(UserError, match=r"^.*: cannot be read \(Is a directory\)$"):
+        read_params(tmp_path)

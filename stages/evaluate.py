@@ -30,10 +30,10 @@ from pathlib import Path
 
 import torch
 
-from titletune.generation.engine import (SAMPLING_SEED, eos_token_ids, generate, generation_kwargs, prompt_ids,
-                                         reference_nll, until_eos)
+from titletune.generation.engine import (SAMPLING_SEED, eos_token_ids, generate, generation_kwargs,
+                                         load_for_generation, prompt_ids, reference_nll, until_eos)
 from titletune.generation.metrics import delta, score
-from titletune.modeling import load_formatted, load_tuned_model, unsloth
+from titletune.modeling import load_formatted
 from titletune.params import read_params
 from titletune.splits import select_examples
 from titletune.tracking import check_store, log_evaluation, register_evaluation
@@ -46,7 +46,7 @@ PLOTTED = [("perplexity", "perplexity (lower is better)"), ("rougeL", "ROUGE-L F
 def answer_and_score(model, tokenizer, examples, ep) -> tuple[dict, dict]:
     """({base, tuned}: metrics, {base, tuned}: answers). The base model is the same weights with
     the adapter switched off."""
-    pad, bs = tokenizer.pad_token_id, ep.batch_size
+    pad, bs = tokenizer.pad_token_id, ep.slots()
     eos_ids = eos_token_ids(model, tokenizer)
     prompts = prompt_ids(examples)
     results, answers = {}, {}
@@ -55,7 +55,7 @@ def answer_and_score(model, tokenizer, examples, ep) -> tuple[dict, dict]:
             nll_sum, n_tokens = reference_nll(model, examples, pad_token_id=pad, batch_size=bs,
                                               desc=f"{name}: scoring references")
             torch.manual_seed(SAMPLING_SEED)
-            new_ids = generate(model, prompts, pad_token_id=pad, batch_size=bs,
+            new_ids = generate(model, prompts, pad_token_id=pad, eos_ids=eos_ids,
                                desc=f"{name}: generating", **generation_kwargs(ep))
         answer_ids = [until_eos(ids, eos_ids) for ids in new_ids]
         answers[name] = [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in answer_ids]
@@ -93,9 +93,7 @@ def main() -> None:
     if len(examples) == 0:
         raise UserError(f"{data_dir}: the test split is empty; raise preprocess.test_fraction")
 
-    model, tokenizer = load_tuned_model(model_params, fmt.max_length, adapter_dir)
-    unsloth().for_inference(model)  # Unsloth's fast generation on GPU; no training state
-    model.eval()
+    model, tokenizer = load_for_generation(model_params, adapter_dir)
     results, answers = answer_and_score(model, tokenizer, examples, ep)
 
     report = {"samples": len(examples), **results, "delta": delta(results["base"], results["tuned"])}

@@ -35,8 +35,9 @@ import gc
 from pathlib import Path
 
 from titletune.export.merge import compare, parity_problems, set_chat_template, set_generation_eos
-from titletune.generation.engine import eos_token_ids, generate, prompt_ids, reference_nll, until_eos
-from titletune.modeling import load_formatted, load_tuned_model
+from titletune.generation.engine import (eos_token_ids, generate, load_for_generation, prompt_ids, reference_nll,
+                                         until_eos)
+from titletune.modeling import load_formatted
 from titletune.params import read_params
 from titletune.splits import select_examples
 from titletune.tracking import check_store, log_export, register_export
@@ -45,8 +46,8 @@ from titletune.tracking import check_store, log_export, register_export
 def parity_scores(model, tokenizer, examples, export, eos_ids: set[int], name: str) -> dict:
     """Greedy answer ids (cut at EOS) and the mean NLL per reference token, per example."""
     pad = tokenizer.pad_token_id
-    new_ids = generate(model, prompt_ids(examples), pad_token_id=pad, batch_size=len(examples),
-                       desc=f"{name}: generating", max_new_tokens=export.parity_max_new_tokens, do_sample=False)
+    new_ids = generate(model, prompt_ids(examples), pad_token_id=pad, eos_ids=eos_ids, batch_size=len(examples),
+                       desc=f"{name}: generating", max_new_tokens=export.parity_max_new_tokens)
     nll = []
     for i in range(len(examples)):  # one example at a time: its own mean
         total, n = reference_nll(model, examples.select([i]), pad_token_id=pad, batch_size=1, progress=False)
@@ -54,16 +55,15 @@ def parity_scores(model, tokenizer, examples, export, eos_ids: set[int], name: s
     return {"answers": [until_eos(ids, eos_ids) for ids in new_ids], "nll": nll}
 
 
-def load_base_and_adapter(model_params, fmt, adapter_dir: Path):
+def load_base_and_adapter(model_params, adapter_dir: Path):
     """Base + adapter in full precision: merging into a 4-bit base would round the adapter away."""
     model_params = model_params.model_copy(update={"load_in_4bit": False})
-    model, tokenizer = load_tuned_model(model_params, fmt.max_length, adapter_dir)
-    return model.eval(), tokenizer
+    return load_for_generation(model_params, adapter_dir)
 
 
 def export_dtype(model, export):
     """export.dtype as a torch dtype; auto: the dtype base + adapter computes in."""
-    import torch  # after load_tuned_model, which imported unsloth first
+    import torch
     return model.dtype if export.dtype == "auto" else getattr(torch, export.dtype)
 
 
@@ -117,7 +117,7 @@ def main() -> None:
     params = read_params()
     fmt, export = params.format, params.export
     check_store()  # before the model loads: an unusable MLflow store fails in seconds
-    model, tokenizer = load_base_and_adapter(params.model, fmt, adapter_dir)
+    model, tokenizer = load_base_and_adapter(params.model, adapter_dir)
     dtype, device, eos_ids = export_dtype(model, export), model.device, eos_token_ids(model, tokenizer)
     data = load_formatted(data_dir)
     examples = parity_examples(data, data_dir, export)

@@ -176,6 +176,9 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--batch-size", type=int, default=64, help="the before path's batch (evaluate's default: 64)")
     ap.add_argument("--slots", type=int, help="the engine's slots (default: auto)")
+    ap.add_argument("--split-prompts", type=int, default=0,
+                    help="also time the engine (tuned) on this many prompts of the largest shape: the basis "
+                         "for the time of evaluate.max_samples 0 on the full corpus's test split")
     ap.add_argument("--work", default="/tmp/titletune-bench", help="where random-init models are written")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/generation_speed_cpu.jsonl")
     # one measurement (the driver runs each in a process of its own)
@@ -190,17 +193,19 @@ def main() -> None:
         print(json.dumps(measure(args)), flush=True)
         return
 
-    cases = []  # (shape, path, adapter, eos)
+    cases = []  # (shape, path, adapter, eos, prompts)
     for shape in args.shape or [None]:
         for path in args.paths.split(","):
-            cases.append((shape, path, False, False))
+            cases.append((shape, path, False, False, args.prompts))
             if path == "engine":
-                cases += [(shape, "engine", True, False), (shape, "engine", True, True)]
+                cases += [(shape, "engine", True, False, args.prompts), (shape, "engine", True, True, args.prompts)]
         if shape:
             build_shape(shape, Path(args.work) / shape)
+    if args.split_prompts:
+        cases.append(((args.shape or [None])[-1], "engine", True, False, args.split_prompts))
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    for shape, path, adapter, eos in cases:
-        cmd = [sys.executable, __file__, "--path", path, "--prompts", str(args.prompts), "--new-tokens",
+    for shape, path, adapter, eos, prompts in cases:
+        cmd = [sys.executable, __file__, "--path", path, "--prompts", str(prompts), "--new-tokens",
                str(args.new_tokens), "--batch-size", str(args.batch_size), "--work", args.work]
         cmd += (["--shape", shape] if shape else []) + (["--adapter"] if adapter else []) + (["--eos"] if eos else [])
         cmd += ["--slots", str(args.slots)] if args.slots else []
@@ -211,7 +216,7 @@ def main() -> None:
         row = json.loads(proc.stdout.strip().splitlines()[-1])
         with open(args.out, "a") as f:
             f.write(json.dumps(row) + "\n")
-        print(f"{row['device']:>24} {row['shape']:>4} {path:>6} adapter={adapter!s:5} eos={eos!s:5} "
+        print(f"{row['device']:>24} {row['shape']:>4} {path:>6} adapter={adapter!s:5} eos={eos!s:5} {prompts:5} prompts "
               f"{row['output_tokens_per_s']:9,.0f} tok/s  {row['seconds']:6.1f} s  "
               f"answer {row['mean_answer_tokens']:.1f} tok  peak {row['peak_gb'] or 0:.1f} GB", flush=True)
 

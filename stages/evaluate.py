@@ -93,7 +93,7 @@ def main() -> None:
     if len(examples) == 0:
         raise UserError(f"{data_dir}: the test split is empty; raise preprocess.test_fraction")
 
-    model, tokenizer = load_for_generation(model_params, adapter_dir)
+    model, tokenizer = load_for_generation(model_params, adapter_dir, merge=False)
     results, answers = answer_and_score(model, tokenizer, examples, ep)
 
     report = {"samples": len(examples), **results, "delta": delta(results["base"], results["tuned"])}

@@ -58,7 +58,8 @@ def parity_scores(model, tokenizer, examples, export, eos_ids: set[int], name: s
 def load_base_and_adapter(model_params, adapter_dir: Path):
     """Base + adapter in full precision: merging into a 4-bit base would round the adapter away."""
     model_params = model_params.model_copy(update={"load_in_4bit": False})
-    return load_for_generation(model_params, adapter_dir)
+    # merge=False: base + adapter as trained, the reference the merged model is compared with
+    return load_for_generation(model_params, adapter_dir, merge=False)
 
 
 def export_dtype(model, export):

@@ -128,7 +128,7 @@ def test_engine_equals_the_evaluate_path_before_it_on_every_test_prompt(pipeline
     64 left-padded prompts, sorted by length)."""
     from titletune.modeling import load_formatted
     model_params = load_params("model").model_copy(update={"name": str(pipeline_repo / "models/tiny-llama")})
-    model, tok = load_for_generation(model_params, pipeline_repo / "models/adapter")
+    model, tok = load_for_generation(model_params, pipeline_repo / "models/adapter", merge=False)
     prompts = prompt_ids(load_formatted(pipeline_repo / "data/formatted")["test"])
     eos_ids = eos_token_ids(model, tok)
     for adapter_on in (False, True):

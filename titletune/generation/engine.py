@@ -82,11 +82,15 @@ def use_engine_attention(model) -> None:
 
 # --- loading -----------------------------------------------------------------------------------
 
-def load_for_generation(model_params, adapter_dir: Path | str | None = None):
+def load_for_generation(model_params, adapter_dir: Path | str | None = None, merge: bool = True):
     """(model, tokenizer) for generation and scoring: the base model, plus the trained adapter when
     adapter_dir is given, through plain transformers + PEFT (Unsloth's inference patches keep a
     growing cache of their own, which a static-shape step cannot use). Safetensors only; remote
-    code only when model.trust_remote_code says so; the dtype of training (modeling.compute_dtype)."""
+    code only when model.trust_remote_code says so; the dtype of training (modeling.compute_dtype).
+
+    merge: the adapter is merged into this working copy of the weights (W + BA), so that the tuned
+    model generates as fast as the base; merge=False keeps a PeftModel (export compares the merged
+    model against it; `disable_adapter()` then gives the base). A 4-bit base is never merged."""
     from titletune.modeling import compute_dtype, ensure_pad_token, resolve_model_name
     if adapter_dir is not None and not (Path(adapter_dir) / "adapter_config.json").is_file():
         raise UserError(f"{adapter_dir}: no trained adapter here; run `dvc repro` first (the train stage writes it)")
@@ -107,6 +111,8 @@ def load_for_generation(model_params, adapter_dir: Path | str | None = None):
     if adapter_dir is not None:
         from peft import PeftModel
         model = PeftModel.from_pretrained(model, str(adapter_dir))
+        if merge and not model_params.load_in_4bit:
+            model = model.merge_and_unload()
     return model.eval(), tokenizer
 
 
@@ -262,10 +268,11 @@ def auto_slots(model, requested: int | None, length: int) -> int:
 def generate(model, prompts: list[list[int]], *, pad_token_id: int, max_new_tokens: int,
              eos_ids: set[int] | None = None, batch_size: int | None = None, do_sample: bool = False,
              temperature: float = 1.0, top_p: float = 1.0, desc: str = "generating",
-             progress: bool = True, on_answer=None) -> list[list[int]]:
+             progress: bool = True, on_answer=None, on_token=None) -> list[list[int]]:
     """The new token ids for each prompt, in prompt order: up to and including its first EOS
     (eos_ids; None: the model's generation_config), at most max_new_tokens (cut with until_eos()).
-    on_answer(index, ids), if given, is called as each answer ends (predict streams with it)."""
+    on_answer(index, ids), if given, is called as each answer ends (predict streams with it);
+    on_token(index, id) as each token comes (scripts/ask.py prints the answer as it grows)."""
     if not prompts:
         return []
     if eos_ids is None:
@@ -279,7 +286,7 @@ def generate(model, prompts: list[list[int]], *, pad_token_id: int, max_new_toke
         while True:
             try:
                 _run(model, prompts, results, slots, length, max_new_tokens, eos_ids,
-                     sampler(do_sample, temperature, top_p), pad_token_id, bar, on_answer)
+                     sampler(do_sample, temperature, top_p), pad_token_id, bar, on_answer, on_token)
                 break
             except torch.OutOfMemoryError:
                 if slots == 1:
@@ -293,12 +300,14 @@ def generate(model, prompts: list[list[int]], *, pad_token_id: int, max_new_toke
     return results
 
 
-def _run(model, prompts, results, slots, length, max_new_tokens, eos_ids, sample, pad_token_id, bar, on_answer):
+def _run(model, prompts, results, slots, length, max_new_tokens, eos_ids, sample, pad_token_id, bar, on_answer,
+         on_token):
     """Fill slots with the prompts not answered yet, longest first, until every prompt has its answer."""
     pending = deque(sorted((i for i, r in enumerate(results) if r is None), key=lambda i: -len(prompts[i])))
     engine = Engine(model, slots, length, max_new_tokens, eos_ids, sample)
     engine.capture()
     owner = [-1] * slots  # the prompt each slot is answering
+    shown = [0] * slots   # tokens of its answer passed to on_token
     refill_at = max(1, slots // 8)  # refill when this many slots are free (or none is busy)
     while pending or any(o >= 0 for o in owner):
         free = [s for s in range(slots) if owner[s] < 0]
@@ -309,10 +318,16 @@ def _run(model, prompts, results, slots, length, max_new_tokens, eos_ids, sample
                 into, free = free[:len(take)], free[len(take):]
                 engine.prefill([prompts[i] for i in take], into, pad_token_id)
                 for s, i in zip(into, take):
-                    owner[s] = i
+                    owner[s], shown[s] = i, 0
         else:
             engine.decode()
         active = engine.active.tolist()  # the one sync a step
+        if on_token is not None:
+            counts, tokens = engine.count.tolist(), engine.tokens.tolist()
+            for s in range(slots):
+                if owner[s] >= 0 and counts[s] > shown[s]:
+                    shown[s] = counts[s]
+                    on_token(owner[s], tokens[s])
         ended = [s for s in range(slots) if owner[s] >= 0 and not active[s]]
         if ended:
             counts, out = engine.count.tolist(), engine.out

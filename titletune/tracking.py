@@ -67,8 +67,8 @@ def check_store() -> None:
             else f"{type(err).__name__}: {text[:200]}"
         password = urlsplit(uri).password
         raise UserError(f"MLflow store {shown_uri(uri)}: cannot be used "
-                        f"({reason.replace(password, '***') if password else reason}); "
-                        "fix MLFLOW_TRACKING_URI or unset it (mlflow.db in the repository)") from None
+                        f"({reason.replace(password, '***') if password else reason}); fix MLFLOW_TRACKING_URI "
+                        "or MLFLOW_EXPERIMENT_NAME, or unset them (mlflow.db, experiment titletune)") from None
     finally:
         for key, value in saved.items():
             if value is None:

@@ -14,6 +14,12 @@ gets one.
 """
 from __future__ import annotations
 
+from titletune.cli import UserError, atomic_path, command_line, run_main
+
+ARGUMENTS = "[SOURCE] OUT"
+if __name__ == "__main__":  # before the imports below: a wrong command line is told at once
+    command_line(ARGUMENTS)
+
 import io
 import struct
 import sys
@@ -29,7 +35,6 @@ import pyarrow as pa
 from isal import igzip, isal_zlib
 from tqdm import tqdm
 
-from titletune.cli import UserError, atomic_path, run_main
 from titletune.params import load_params
 
 BLOCK = 16 << 20          # bytes per read: big enough that Python overhead vanishes
@@ -157,10 +162,8 @@ def copy_lines(stream, dst, src: Path, kind: str, bar: tqdm) -> tuple[int, int]:
 
 
 def main() -> None:
-    if len(sys.argv) not in (2, 3):
-        raise UserError("usage: python stages/decompress.py [SOURCE] OUT  (SOURCE: params.yaml data.source)")
-    src = Path(sys.argv[1] if len(sys.argv) == 3 else load_params("data").source)
-    out = Path(sys.argv[-1])
+    src, out = command_line(ARGUMENTS)
+    src = src or Path(load_params("data").source)
     t0 = time.time()
     with ExitStack() as stack:
         stream, kind, bar = open_source(src, stack)

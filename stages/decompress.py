@@ -18,6 +18,12 @@ line: convert it), and an output over MAX_EXPANSION times the source file (a zip
 """
 from __future__ import annotations
 
+from titletune.cli import UserError, atomic_path, command_line, run_main
+
+ARGUMENTS = "[SOURCE] OUT"
+if __name__ == "__main__":  # before the imports below: a wrong command line is told at once
+    command_line(ARGUMENTS)
+
 import io
 import struct
 import sys
@@ -33,7 +39,6 @@ import pyarrow as pa
 from isal import igzip, isal_zlib
 from tqdm import tqdm
 
-from titletune.cli import UserError, atomic_path, run_main
 from titletune.params import load_params
 
 BLOCK = 16 << 20          # bytes per read: big enough that Python overhead vanishes
@@ -214,11 +219,9 @@ def copy_lines(stream, dst, src: Path, kind: str, bar: tqdm) -> tuple[int, int]:
 
 
 def main() -> None:
-    if len(sys.argv) not in (2, 3):
-        raise UserError("usage: python stages/decompress.py [SOURCE] OUT  (SOURCE: params.yaml data.source)")
-    src = Path(sys.argv[1] if len(sys.argv) == 3 else load_params("data").source)
-    out = Path(sys.argv[-1])
-    if src.resolve() == out.resolve():
+    src, out = command_line(ARGUMENTS)
+    src = src or Path(load_params("data").source)
+    if src.resolve() == out.resolve():   # data.source is not on the command line that command_line checks
         raise UserError(f"{src}: is the output of decompress itself; data.source names the corpus file")
     t0 = time.time()
     with ExitStack() as stack:

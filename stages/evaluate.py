@@ -9,7 +9,8 @@ titletune.generation.metrics scores them. Writes, in the metrics folder:
     eval.json           {base: {...}, tuned: {...}, delta: tuned - base}   (DVC metrics)
     eval_samples.jsonl  title, question, reference and both answers, one test example a line
     eval_compare.png    base vs tuned, one pair of bars per metric
-and logs them to the training run in MLflow (its id is in metrics/train.json). With
+and logs them, with the evaluate params, to the training run in MLflow (its id is in
+metrics/train.json; titletune.tracking.stage_run says when it is a run of its own). With
 evaluate.require_improvement (the default) the stage fails when the tuned model's perplexity is
 not below the base model's; an adapter that passes becomes a version of the MLflow registered
 model `evaluate.registered_model`, tagged with these metrics, the data md5 and the git commit
@@ -17,21 +18,25 @@ model `evaluate.registered_model`, tagged with these metrics, the data md5 and t
 """
 from __future__ import annotations
 
+from titletune.cli import UserError, atomic_path, command_line, new_figure, run_main, write_json, write_png
+
+ARGUMENTS = "DATA_DIR ADAPTER_DIR METRICS_DIR"
+if __name__ == "__main__":  # before the imports below: a wrong command line is told at once
+    command_line(ARGUMENTS)
+
 import contextlib
 import json
-import sys
 from pathlib import Path
 
 import torch
 
-from titletune.cli import UserError, atomic_path, run_main, write_json
 from titletune.generation.engine import (SAMPLING_SEED, eos_token_ids, generate, generation_kwargs,
                                          load_for_generation, prompt_ids, reference_nll, until_eos)
 from titletune.generation.metrics import delta, score
 from titletune.modeling import check_answer_room, load_formatted
-from titletune.params import load_params
+from titletune.params import read_params
 from titletune.splits import select_examples
-from titletune.tracking import log_evaluation, register_evaluation
+from titletune.tracking import check_store, log_evaluation, register_evaluation
 
 PLOTTED = [("perplexity", "perplexity (lower is better)"), ("rougeL", "ROUGE-L F1"),
            ("bleu", "BLEU"), ("chrf", "chrF"), ("degenerate_rate", "degenerate answers (share)"),
@@ -67,10 +72,7 @@ def write_samples(path: Path, examples, answers: dict) -> None:
 
 
 def plot_comparison(results: dict, n: int, path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(2, 3, figsize=(10, 5.5))
+    fig, axes = new_figure(nrows=2, ncols=3, figsize=(10, 5.5))
     for ax, (key, title) in zip(axes.flat, PLOTTED):
         bars = ax.bar(["base", "tuned"], [results["base"][key], results["tuned"][key]],
                       color=["#9e9e9e", "#1f77b4"])
@@ -79,14 +81,14 @@ def plot_comparison(results: dict, n: int, path: Path) -> None:
         ax.set_title(title, fontsize=10)
     fig.suptitle(f"titletune: base vs fine-tuned model on {n} test examples")
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
+    write_png(fig, path)
 
 
 def main() -> None:
-    data_dir, adapter_dir, metrics_dir = map(Path, sys.argv[1:4])
-    model_params, fmt, ep = load_params("model", "format", "evaluate")
+    data_dir, adapter_dir, metrics_dir = command_line(ARGUMENTS)
+    params = read_params()
+    model_params, fmt, ep = params.model, params.format, params.evaluate
+    check_store()  # before the model loads: an unusable MLflow store fails in seconds
     examples = select_examples(load_formatted(data_dir)["test"], ep.max_samples)
     if len(examples) == 0:
         raise UserError(f"{data_dir}: the test split is empty; raise preprocess.test_fraction")
@@ -101,7 +103,7 @@ def main() -> None:
     write_json(files[0], report)
     write_samples(files[1], examples, answers)
     plot_comparison(results, len(examples), files[2])
-    run_id = log_evaluation(metrics_dir / "train.json", report, files, ep.model_dump())  # the training run
+    run_id = log_evaluation(params, report, files, metrics_dir / "train.json")  # the training run, as a rule
 
     b, t = results["base"], results["tuned"]
     print(f"evaluate: {len(examples)} test examples, base -> tuned: perplexity {b['perplexity']:.4g} -> "

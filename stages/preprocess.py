@@ -19,6 +19,12 @@ memory while reading).
 """
 from __future__ import annotations
 
+from titletune.cli import UserError, atomic_path, command_line, run_main, write_json
+
+ARGUMENTS = "IN_JSONL OUT_DIR METRICS_JSON"
+if __name__ == "__main__":  # before the imports below: a wrong command line is told at once
+    command_line(ARGUMENTS)
+
 import mmap
 import os
 import sys
@@ -33,7 +39,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from tqdm import tqdm
 
-from titletune.cli import UserError, atomic_path, run_main, write_json
 from titletune.data.cleaning import REASONS, clean_table, compile_patterns, drop_reasons
 from titletune.data.corpus import (FIELDS, MAX_REPORTED, SPLITS, Seen, SplitWriter, pair_hash, parse_fast,
                                    parse_slow, plan_blocks, smallest, split_of, uid_hash)
@@ -162,9 +167,7 @@ def percentiles(x: np.ndarray) -> dict:
 
 
 def main() -> None:
-    if len(sys.argv) != 4:
-        raise UserError("usage: python stages/preprocess.py IN_JSONL OUT_DIR METRICS_JSON")
-    src, out_dir, metrics_path = map(Path, sys.argv[1:])
+    src, out_dir, metrics_path = command_line(ARGUMENTS)
     p = load_params("preprocess")
     if not src.is_file():
         raise UserError(f"{src}: not found")

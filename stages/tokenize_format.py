@@ -17,17 +17,21 @@ datasets' cache lives in the output's temp folder and goes with it: nothing is w
 """
 from __future__ import annotations
 
+from titletune.cli import UserError, atomic_path, command_line, run_main, write_json
+
+ARGUMENTS = "IN_DIR OUT_DIR METRICS_JSON"
+if __name__ == "__main__":  # before the imports below: a wrong command line is told at once
+    command_line(ARGUMENTS)
+
 import hashlib
 import json
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
 import pyarrow.compute as pc
 from datasets import Features, List, Value, load_dataset
 
-from titletune.cli import UserError, atomic_path, run_main, write_json
 from titletune.modeling import load_tokenizer
 from titletune.params import load_params
 from titletune.prompt import format_batch
@@ -82,7 +86,7 @@ def split_metrics(split) -> dict:
 
 
 def main() -> None:
-    in_dir, out_dir, metrics_path = map(Path, sys.argv[1:4])
+    in_dir, out_dir, metrics_path = command_line(ARGUMENTS)
     model, fmt = load_params("model", "format")
     tokenizer = load_tokenizer(model)
     if tokenizer.eos_token is None:

@@ -11,6 +11,12 @@ reached and which checkpoint is kept; the MLflow run then ends KILLED (FAILED on
 The same code runs on CPU (the embedded tiny model), one GPU and N GPUs: with `train.gpus` > 1
 it relaunches itself under torchrun (DDP); only rank 0 writes files and MLflow records.
 """
+from titletune.cli import EXIT_INTERRUPTED, Interrupted, command_line, run_main, write_json, writing
+
+ARGUMENTS = "DATA_DIR ADAPTER_DIR METRICS_DIR"
+if __name__ == "__main__":  # before the imports below: a wrong command line is told at once
+    command_line(ARGUMENTS)
+
 from titletune.training.sft import (Throughput, add_lora, check_names, eval_sets,  # first: imports Unsloth
                                     fit_packed_rows, hardware_settings, losses, losses_before, rank_step_times,
                                     run_metrics, save_adapter, sft_config, timed_train, train_val_sets)
@@ -23,16 +29,17 @@ from pathlib import Path
 import torch
 from trl import SFTTrainer
 
-from titletune.cli import EXIT_INTERRUPTED, Interrupted, run_main, write_json, writing
 from titletune.modeling import load_formatted, load_model
-from titletune.params import load_params
-from titletune.tracking import ended_if_failed, finish_training_run, start_training_run
+from titletune.params import read_params
+from titletune.tracking import check_store, ended_if_failed, finish_training_run, start_training_run
 from titletune.training.attention import install_varlen_compat
+from titletune.training.batching import resolve_tokens_per_step
 from titletune.training.early_stopping import early_stopping_callbacks, stopping_metrics
 from titletune.training.launch import is_rank0, launch_command, local_rank, resolve_gpus, world_size
 from titletune.training.loss_log import step_rows, write_step_log
 from titletune.training.profiling import profile_callbacks
-from titletune.training.resuming import checkpoint_dir, clear_checkpoints, resume_decision, run_fingerprint
+from titletune.training.resuming import (checkpoint_dir, clear_checkpoints, last_checkpoint_step, resume_decision,
+                                         run_fingerprint)
 
 
 def relaunch(n_gpus: int) -> None:
@@ -43,12 +50,12 @@ def relaunch(n_gpus: int) -> None:
     sys.exit(subprocess.run(cmd).returncode)
 
 
-def interrupted_at(checkpoints: Path, step: int, save_steps: int) -> str:
+def interrupted_at(fingerprint: str, step: int, save_steps: int) -> str:
     """What Ctrl-C left: the step reached and the checkpoint the next run resumes from."""
-    saved = [int(state.parent.name.split("-")[-1]) for state in checkpoints.glob("checkpoint-*/trainer_state.json")]
-    if saved:
-        return (f"interrupted at step {step}; the last checkpoint (step {max(saved)}) is kept in {checkpoints}, "
-                "`dvc repro` resumes from it")
+    saved = last_checkpoint_step(fingerprint)
+    if saved is not None:
+        return (f"interrupted at step {step}; the last checkpoint (step {saved}) is kept in "
+                f"{checkpoint_dir(fingerprint)}, `dvc repro` resumes from it")
     return (f"interrupted at step {step}, before the first checkpoint (train.save_steps: {save_steps}); "
             "`dvc repro` starts over")
 
@@ -86,18 +93,22 @@ def write_outputs(trainer, metrics: dict, history: list[dict], adapter_dir: Path
 
 
 def main() -> None:
-    data_dir, adapter_dir, metrics_dir = map(Path, sys.argv[1:4])
-    model_params, fmt, tp = load_params("model", "format", "train")
-    check_names(tp)
-    n_gpus = resolve_gpus(tp.gpus)
+    data_dir, adapter_dir, metrics_dir = command_line(ARGUMENTS)
+    params = read_params()
+    model_params, fmt = params.model, params.format
+    check_names(params.train)
+    if is_rank0():
+        check_store()  # before a model loads: an unusable MLflow store fails in seconds
+    n_gpus = resolve_gpus(params.train.gpus)
     if n_gpus > 1 and "WORLD_SIZE" not in os.environ:
         relaunch(n_gpus)
+    tp = resolve_tokens_per_step(params.train, fmt.max_length, on_gpu=torch.cuda.is_available())
     trainer, throughput, fingerprint, device = build_trainer(data_dir, model_params, fmt, tp)
     resume = resume_decision(fingerprint, world_size())
     attention = install_varlen_compat(padding_free=bool(trainer.args.padding_free or trainer.args.packing))
 
     with ended_if_failed():
-        run = start_training_run(model_params, fmt, tp) if is_rank0() else None
+        run = start_training_run(params, fingerprint) if is_rank0() else None
         try:
             with writing(checkpoint_dir(fingerprint)):
                 before = losses_before(trainer, resume, fingerprint)
@@ -108,8 +119,7 @@ def main() -> None:
         except KeyboardInterrupt:
             if not is_rank0():
                 sys.exit(EXIT_INTERRUPTED)  # rank 0 says it
-            raise Interrupted(interrupted_at(checkpoint_dir(fingerprint), trainer.state.global_step,
-                                             tp.save_steps)) from None
+            raise Interrupted(interrupted_at(fingerprint, trainer.state.global_step, tp.save_steps)) from None
         rank_steps = rank_step_times(throughput)
         if not is_rank0():
             return
@@ -121,8 +131,8 @@ def main() -> None:
     stopped = (f"; stopped early ({metrics['stop_reason']}), adapter of step {metrics['best_step']}"
                if metrics["stopped_early"] else "")
     print(f"train: {metrics['steps']} steps in {runtime:.0f} s, {metrics['tokens_per_s']:,.0f} tokens/s "
-          f"({attention}), val loss {before['val_loss']:.3f} -> {after['val_loss']:.3f}{stopped}; "
-          f"adapter in {adapter_dir}")
+          f"({metrics['batching']}; attention {attention}), val loss {before['val_loss']:.3f} -> "
+          f"{after['val_loss']:.3f}{stopped}; adapter in {adapter_dir}")
 
 
 if __name__ == "__main__":

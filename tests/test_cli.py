@@ -7,10 +7,13 @@ import json
 import os
 import signal
 import sys
+import time
+from pathlib import Path
 
 import pytest
 
-from titletune.cli import Interrupted, UserError, atomic_path, run_main, write_json, writing
+from titletune.cli import (Interrupted, UserError, atomic_path, command_line, new_figure, run_main, write_json,
+                           write_png, writing)
 
 
 def test_user_error_is_one_line_and_exit_code_2(capsys):
@@ -139,3 +142,80 @@ def test_write_json_is_sorted_and_ends_with_a_newline(tmp_path):
     text = (tmp_path / "m.json").read_text()
     assert text.endswith("}\n") and text.index('"a"') < text.index('"b"')
     assert json.loads(text) == {"a": [1, 2], "b": 1}
+
+
+def test_command_line_fills_the_paths_and_an_optional_leading_one(monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["stages/decompress.py", "out.jsonl"])
+    assert command_line("[SOURCE] OUT") == [None, Path("out.jsonl")]
+    monkeypatch.setattr(sys, "argv", ["stages/decompress.py", "in.json.gz", "out.jsonl"])
+    assert command_line("[SOURCE] OUT") == [Path("in.json.gz"), Path("out.jsonl")]
+
+
+# Each stage with the paths dvc.yaml gives it, and the usage line it prints.
+STAGES = {"decompress": "[SOURCE] OUT", "preprocess": "IN_JSONL OUT_DIR METRICS_JSON",
+          "tokenize_format": "IN_DIR OUT_DIR METRICS_JSON", "train": "DATA_DIR ADAPTER_DIR METRICS_DIR",
+          "evaluate": "DATA_DIR ADAPTER_DIR METRICS_DIR", "export": "DATA_DIR ADAPTER_DIR OUT_DIR REPORT_JSON"}
+HEAVY = ("torch", "unsloth", "transformers", "datasets", "pyarrow", "mlflow", "numpy")
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_a_wrong_command_line_is_the_usage_line_and_exit_2_at_once(stage, tmp_path):
+    from titletune.testing import ROOT, run
+    n = len(STAGES[stage].split())
+    usage = f"usage: python -m stages.{stage} {STAGES[stage]}  ("
+    cases = {"missing ": ["a"] * (n - 2), "unexpected b)": ["a"] * n + ["b"],
+             "unexpected option --max-length: every knob is in params.yaml)": ["a"] * (n - 1) + ["--max-length", "32"],
+             "an empty path)": [""] * n}
+    for why, args in cases.items():
+        started = time.perf_counter()
+        proc = run([sys.executable, "-m", f"stages.{stage}", *args], ROOT, check=False, timeout=60)
+        seconds = time.perf_counter() - started
+        assert proc.returncode == 2 and proc.stdout == "", (why, proc.stderr)
+        assert proc.stderr.startswith(usage + why) and proc.stderr.count("\n") == 1, (why, proc.stderr)
+        assert seconds < 10, f"{why}: {seconds:.1f} s"     # no model library is imported first (train: ~16 s)
+    help_ = run([sys.executable, "-m", f"stages.{stage}", "--help"], ROOT)
+    assert help_.stdout == f"usage: python -m stages.{stage} {STAGES[stage]}\n"
+
+
+def test_no_heavy_library_is_imported_before_the_command_line_is_checked():
+    """In one process: each stage run as __main__ with no argument stops before torch, Unsloth, ..."""
+    from titletune.testing import ROOT, run
+    code = ("import runpy, sys\n"
+            f"for stage in {list(STAGES)}:\n"
+            "    sys.argv = [stage]\n"
+            "    try:\n"
+            "        runpy.run_module('stages.' + stage, run_name='__main__', alter_sys=True)\n"
+            "    except SystemExit as exit_:\n"
+            "        assert exit_.code == 2, (stage, exit_.code)\n"
+            f"print(sorted(set(m.split('.')[0] for m in sys.modules) & {set(HEAVY)}))\n")
+    proc = run([sys.executable, "-c", code], ROOT)
+    assert proc.stdout.strip() == "[]", proc.stdout
+    assert proc.stderr.count("usage: python -m stages.") == len(STAGES)
+
+
+def test_a_plot_is_written_whole_and_its_figure_closed(tmp_path):
+    import matplotlib.pyplot as plt
+    fig, ax = new_figure(figsize=(2, 2))
+    ax.plot([1, 2, 3])
+    write_png(fig, tmp_path / "curve.png")
+    assert (tmp_path / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and not plt.fignum_exists(fig.number)
+    fig, _ = new_figure()
+    with pytest.raises(AttributeError):
+        write_png(fig, tmp_path / "broken.png", bbox_inches="no such box")   # savefig fails half-way
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["curve.png"] and not plt.fignum_exists(fig.number)
+
+
+@pytest.mark.parametrize("argv, why", [
+    (["data/formatted", "data/formatted", "metrics"], "DATA_DIR and ADAPTER_DIR are the same path, data/formatted"),
+    (["data/formatted", "./data/formatted/", "metrics"], "DATA_DIR and ADAPTER_DIR are the same path, data/formatted"),
+    (["data/formatted", "models/adapter", "data/formatted/metrics"],
+     "METRICS_DIR (data/formatted/metrics) is inside DATA_DIR (data/formatted)"),
+])
+def test_paths_that_overlap_are_refused_before_anything_is_written(argv, why, monkeypatch, capsys):
+    """An output on or inside an input would replace or corrupt it (the training data by the adapter)."""
+    monkeypatch.setattr(sys, "argv", ["stages/train.py", *argv])
+    with pytest.raises(SystemExit) as exit_:
+        command_line("DATA_DIR ADAPTER_DIR METRICS_DIR")
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: python ") and err.endswith(f" DATA_DIR ADAPTER_DIR METRICS_DIR  ({why})\n"), err

@@ -257,11 +257,14 @@ def test_a_gzip_bomb_stops_at_the_expansion_limit(tmp_path):
     fails(src, f"expands to more than {D.MAX_EXPANSION} times its {src.stat().st_size:,} bytes (a zip or gzip bomb?)")
 
 
-def test_the_output_as_its_own_source_is_refused(tmp_path):
-    src = tmp_path / "out" / "trn.jsonl"
-    src.parent.mkdir()
-    src.write_bytes(LINES)
-    proc = run([sys.executable, "-m", "stages.decompress", str(src), str(src)], ROOT, check=False)
-    assert proc.returncode == 2 and proc.stderr.endswith(f"error: {src}: is the output of decompress itself; "
-                                                         "data.source names the corpus file\n"), proc.stderr
-    assert src.read_bytes() == LINES
+def test_the_output_as_its_own_source_is_refused(repo):
+    """data.source is not on the command line (command_line refuses SOURCE = OUT there): the stage
+    checks it (`dvc repro` refuses it too: a dep that is its own out)."""
+    out = repo / "data" / "interim" / "trn.jsonl"
+    out.parent.mkdir(parents=True)
+    out.write_bytes(LINES)
+    set_params(repo, {"data": {"source": "data/interim/trn.jsonl"}})
+    proc = run([sys.executable, "-m", "stages.decompress", "data/interim/trn.jsonl"], repo, check=False)
+    assert proc.returncode == 2 and proc.stderr.endswith("error: data/interim/trn.jsonl: is the output of decompress "
+                                                         "itself; data.source names the corpus file\n"), proc.stderr
+    assert out.read_bytes() == LINES

@@ -31,7 +31,8 @@ def stopped_at(step: int, max_steps: int) -> dict:
     [stopper] = early_stopping_callbacks(ON)
     stopper.early_stopping_patience_counter = 1
     trainer = NS(callback_handler=NS(callbacks=[stopper]),
-                 state=NS(best_model_checkpoint="x/checkpoint-2", global_step=step, max_steps=max_steps))
+                 state=NS(best_model_checkpoint="x/checkpoint-2", best_global_step=2, global_step=step,
+                          max_steps=max_steps))
     return stopping_metrics(trainer, HISTORY, ON)
 
 

@@ -41,7 +41,7 @@ def test_evaluate_writes_metrics_samples_plot_and_mlflow(pipeline_repo):
     logged = client.get_run(run_id)  # the training run itself
     assert logged.data.metrics["eval_tuned_perplexity"] == pytest.approx(report["tuned"]["perplexity"])
     assert logged.data.metrics["eval_samples"] == n
-    assert logged.data.tags["evaluate.max_samples"] == str(n)
+    assert logged.data.params["evaluate.max_samples"] == str(n)   # evaluate logs its params on that run
     artifacts = {a.path for a in client.list_artifacts(run_id, "eval")}
     assert artifacts == {"eval/eval.json", "eval/eval_samples.jsonl", "eval/eval_compare.png"}
 

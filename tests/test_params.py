@@ -82,6 +82,8 @@ def test_the_committed_params_are_valid_and_typed():
     ("train", "gradient_checkpointing", "yes", "must be false, true or unsloth"),
     ("train", "gpus", -1, "must be auto or a whole number >= 0"),
     ("train", "gpus", "all", "must be auto or a whole number >= 0"),
+    ("train", "tokens_per_step", "fast", "must be auto or a whole number >= 0"),
+    ("train", "tokens_per_step", -1, "must be auto or a whole number >= 0"),
     # types: strict (no float for an int, no string or number for a bool)
     ("train", "per_device_train_batch_size", 8.5, "must be a whole number >= 1"),
     ("train", "learning_rate", "fast", "must be a number > 0"),
@@ -268,3 +270,23 @@ def test_sections_are_read_only(tmp_path):
 @pytest.mark.parametrize("name", ["titletune", "team.adapters-v2_1", ""])
 def test_registered_model_is_a_plain_name_or_empty(tmp_path, name):
     assert load_params("evaluate", path=with_value(tmp_path, "evaluate", "registered_model", name)).registered_model == name
+
+
+@pytest.mark.parametrize("member", ["int", "literal['auto']", "a-member-name-of-a-later-pydantic[int]"])
+def test_the_key_in_a_message_does_not_depend_on_how_pydantic_names_union_members(member):
+    """pydantic adds the failed union member to an error's loc; the message keeps section.key whatever it is."""
+    from titletune.params import _describe
+    problem = {"type": "int_type", "loc": ("train", "gpus", member), "input": "all", "msg": "not an int"}
+    assert _describe(problem) == 'train.gpus: "all" is not allowed (must be auto or a whole number >= 0)'
+    listed = {"type": "value_error", "loc": ("format", "questions", 1, member), "input": "Hi",
+              "ctx": {"error": "must contain {title} and no other {...} placeholder"}}
+    assert _describe(listed) == 'format.questions[1]: "Hi" is not allowed (must contain {title} and no other ' \
+                                '{...} placeholder)'
+
+
+def test_a_folder_or_a_binary_file_as_params_is_one_line(tmp_path):
+    (tmp_path / "binary.yaml").write_bytes(b"\xff\xfe\x00train:")
+    with pytest.raises(UserError, match=r"^.*/binary.yaml: not UTF-8 text \(byte 0\)$"):
+        read_params(tmp_path / "binary.yaml")
+    with pytest.raises(UserError, match=r"^.*: cannot be read \(Is a directory\)$"):
+        read_params(tmp_path)

@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 from titletune.params import load_params
-from titletune.training.resuming import CHECKPOINT_DIR, checkpoint_dir, resumable_checkpoint, run_fingerprint
+from titletune.training.resuming import (CHECKPOINT_DIR, checkpoint_dir, last_checkpoint_step, resumable_checkpoint,
+                                         run_fingerprint)
 
 
 class Data:
@@ -35,3 +36,28 @@ def test_without_a_complete_checkpoint_the_run_starts_over_in_an_empty_folder(tm
     (checkpoint_dir("mine") / "loss_before.json").write_text("{}")
     assert not resumable_checkpoint("mine")
     assert checkpoint_dir("mine").is_dir() and not any(checkpoint_dir("mine").iterdir())
+
+
+def test_the_last_complete_checkpoint_and_its_step_come_from_its_trainer_state(tmp_path, monkeypatch):
+    from transformers.trainer_callback import TrainerState
+    monkeypatch.chdir(tmp_path)
+    mine = checkpoint_dir("mine")
+    assert last_checkpoint_step("mine") is None
+    for step in (4, 8):
+        (mine / f"checkpoint-{step}").mkdir(parents=True)
+        TrainerState(global_step=step).save_to_json(str(mine / f"checkpoint-{step}" / "trainer_state.json"))
+    (mine / "checkpoint-12").mkdir()                    # cut short while being saved
+    assert last_checkpoint_step("mine") == 8
+
+
+def test_a_link_among_the_checkpoints_is_removed_never_followed(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "keep.txt").write_text("not a checkpoint")
+    CHECKPOINT_DIR.mkdir(parents=True)
+    (CHECKPOINT_DIR / "other").symlink_to(precious)
+    (checkpoint_dir("mine")).mkdir()
+    (checkpoint_dir("mine") / "checkpoint-4").symlink_to(precious)
+    assert not resumable_checkpoint("mine")
+    assert (precious / "keep.txt").is_file() and not (CHECKPOINT_DIR / "other").is_symlink()

@@ -24,7 +24,9 @@ def test_training_lowers_val_loss_and_writes_metrics_and_step_log(pipeline_repo)
     assert metrics["train_loss_after"] < metrics["train_loss_before"]
     assert metrics["tokens_per_s"] > 0 and metrics["tokens_per_s_overall"] > 0 and metrics["peak_memory_gb"] > 0
     assert metrics["effective_batch_size"] == fast["per_device_train_batch_size"]
+    # tokens_per_step: auto (the default) is examples per step on a CPU, as 0 always was
     assert metrics["attention"] == "sdpa (cpu)" and metrics["tokens_per_step"] == 0
+    assert metrics["batching"] == f"{fast['per_device_train_batch_size']} examples a step, padded"
     assert 0 < metrics["real_tokens_per_step"] <= metrics["tokens_per_optimizer_step"]
     assert metrics["rank_step_s"][0] > 0 and metrics["rank_step_spread"] == 1.0
     # train.early_stopping_patience 0 (the default): trained to max_steps, the last weights kept
@@ -64,6 +66,12 @@ def test_killed_training_resumes_from_its_last_checkpoint(pipeline_repo, tmp_pat
         proc.wait()
     resumed = run(["dvc", "repro", "train"], repo, timeout=600)
     assert "resuming from the last checkpoint" in resumed.stdout + resumed.stderr
+    # The killed run's MLflow run stayed RUNNING; the next start ended it KILLED (and only it).
+    assert "ended 1 MLflow run(s) of this repository whose process was killed" in resumed.stdout
+    from mlflow import MlflowClient
+    client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert sorted(r.info.status for r in runs) == ["FINISHED", "FINISHED", "KILLED"], [r.info for r in runs]
     metrics = json.loads((repo / "metrics" / "train.json").read_text())
     assert metrics["steps"] == 24
     assert not list((repo / ".titletune" / "checkpoints").glob("*/checkpoint-*"))  # cleaned after success
@@ -91,6 +99,7 @@ def test_early_stopping_stops_on_a_rising_val_loss_and_keeps_the_best_checkpoint
     assert metrics["val_loss_after"] == pytest.approx(metrics["best_val_loss"], abs=1e-6)
     assert f"stopped early (early stopping: the validation loss did not improve for 1 evaluations), " \
            f"adapter of step {metrics['best_step']}" in proc.stdout
+    assert "tokens/s (8 examples a step, padded; attention sdpa (cpu)), val loss" in proc.stdout   # which path ran
 
 
 @pytest.mark.slow

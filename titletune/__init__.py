@@ -1,12 +1,12 @@
 """titletune: the code the pipeline's stages run, arranged by the model's lifecycle.
 
 Shared base (every phase may import these; they import no phase):
-    cli          errors for the user (UserError, run_main), atomic output files
+    cli          errors for the user (UserError, run_main), a stage's command line, atomic outputs and plots
     params       params.yaml as typed, range-checked sections
     prompt       the prompt template and question rotation
     modeling     Unsloth model and tokenizer loading (owns the `import unsloth` order)
     splits       fixed samples of a split by a hash of uid
-    tracking     MLflow: the store, the training run and its tags
+    tracking     MLflow: the store, the training run (name, params, tags, stale runs), the registry
     testing      repo copies and fast params for tests and benchmarks (no stage imports it)
 
 Phases (a phase imports the base and earlier phases, never a later one):

@@ -59,6 +59,57 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
+def command_line(arguments: str) -> list[Path | None]:
+    """The paths a command takes, checked against `arguments` ("DATA_DIR ADAPTER_DIR METRICS_DIR";
+    a leading "[SOURCE]" is optional). A missing or extra argument, an option (every knob is in
+    params.yaml), an empty path or two paths that overlap print the usage line and exit 2;
+    -h/--help prints it and exits 0.
+    A stage calls it first, before its heavy imports, so a wrong command line is told at once."""
+    names, given = arguments.split(), sys.argv[1:]
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    usage = f"usage: python {f'-m {spec.name}' if spec else sys.argv[0]} {arguments}"
+    if given and given[0] in ("-h", "--help"):
+        print(usage)
+        sys.exit(0)
+    required = [n for n in names if not n.startswith("[")]
+    option = next((a for a in given if a.startswith("-")), None)
+    if option is not None:
+        why = f"unexpected option {option}: every knob is in params.yaml"
+    elif len(given) < len(required):
+        why = f"missing {' '.join(required[len(given):])}"
+    elif len(given) > len(names):
+        why = f"unexpected {' '.join(given[len(names):])}"
+    elif "" in given:
+        why = "an empty path"
+    else:
+        spare = len(given) - len(required)   # optional names are filled first, from the left
+        paths = {}
+        for name in names:
+            if name.startswith("[") and not spare:
+                paths[name] = None
+                continue
+            spare -= name.startswith("[")
+            paths[name] = Path(given.pop(0))
+        why = _overlap({name.strip("[]"): path for name, path in paths.items() if path is not None})
+        if why is None:
+            return list(paths.values())
+    _fail(f"{usage}  ({why})", EXIT_USER)
+
+
+def _overlap(paths: dict[str, Path]) -> str | None:
+    """Two paths that are one, or one inside the other: an output written there would replace or
+    corrupt an input (`ADAPTER_DIR` = `DATA_DIR` replaces the training data with the adapter)."""
+    resolved = {name: path.resolve() for name, path in paths.items()}
+    for first, a in resolved.items():
+        for second, b in resolved.items():
+            if first != second and a == b:
+                return f"{first} and {second} are the same path, {paths[first]}"
+            if first != second and b in a.parents:
+                return f"{first} ({paths[first]}) is inside {second} ({paths[second]})"
+    return None
+
+
 def _fail(line: str, code: int) -> None:
     # A progress bar cut short leaves the cursor at its end: close it, so the line starts a line.
     tqdm = sys.modules.get("tqdm")
@@ -164,3 +215,23 @@ def remove_stale_temps(final: Path) -> None:
 def write_json(path: Path | str, obj) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+# ---------------------------------------------------------------- plots
+
+def new_figure(**subplots):
+    """(figure, axes) from matplotlib's subplots, drawn off-screen (no display needed)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt.subplots(**subplots)
+
+
+def write_png(fig, path: Path | str, **savefig) -> None:
+    """The figure as a PNG (100 dpi), written atomically; the figure is closed either way."""
+    import matplotlib.pyplot as plt
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=100, **savefig)
+    finally:
+        plt.close(fig)

@@ -21,7 +21,6 @@ from __future__ import annotations
 import difflib
 import json
 import string
-import sys
 from pathlib import Path
 from typing import Annotated, Literal, Union
 
@@ -29,7 +28,7 @@ import regex
 import yaml
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
-from titletune.cli import UserError, run_main
+from titletune.cli import UserError, command_line, run_main
 
 PARAMS_FILE = Path("params.yaml")  # relative to the repository root, where DVC runs the stages
 # format.max_chars: auto: more characters than a token of any tokenizer spans on average (about 4
@@ -96,6 +95,7 @@ Count = whole("a whole number >= 0", ge=0)
 Size = whole("a whole number >= 1", ge=1)
 Fraction = number("a number in [0, 1)", ge=0, lt=1)
 Positive = number("a number > 0", gt=0)
+AutoOrCount = Annotated[Union[Literal["auto"], Annotated[int, Field(ge=0)]], Allowed("auto or a whole number >= 0")]
 
 
 class Section(BaseModel):
@@ -147,7 +147,7 @@ class Format(Section):
 
 
 class Train(Section):
-    gpus: Annotated[Union[Literal["auto"], Annotated[int, Field(ge=0)]], Allowed("auto or a whole number >= 0")]
+    gpus: AutoOrCount
     seed: whole(f"a whole number in [0, {MAX_SEED}]", ge=0, le=MAX_SEED)  # numpy's seeds are 32-bit
     # At most MAX_LORA_R here; train also refuses a rank above the model's hidden size (full rank).
     lora_r: whole(f"a whole number in [1, {MAX_LORA_R}]", ge=1, le=MAX_LORA_R)
@@ -155,8 +155,9 @@ class Train(Section):
     lora_dropout: Fraction
     target_modules: Annotated[list[Text], Field(min_length=1), Allowed("a list of module names")]
     gradient_checkpointing: Annotated[Union[bool, Literal["unsloth"]], Allowed("false, true or unsloth")]
-    # 0: per_device_train_batch_size examples a step; N: packed rows of at most N tokens (titletune.training.batching).
-    tokens_per_step: Count
+    # auto: a token budget on a GPU, examples per step on a CPU; 0: per_device_train_batch_size examples
+    # a step; N: packed rows of at most N tokens (titletune.training.batching).
+    tokens_per_step: AutoOrCount
     # N > 0: stop once the validation loss has not improved for N evaluations; keep the best checkpoint.
     early_stopping_patience: Count
     # Validation examples evaluated every eval_steps (a fixed sample, titletune.splits); 0 = all.
@@ -245,10 +246,10 @@ def read_params(path: Path | str = PARAMS_FILE) -> Params:
         raw = read_yaml(path)
     except FileNotFoundError:
         raise UserError(f"{path}: not found (run the stages from the repository root)") from None
-    except IsADirectoryError:
-        raise UserError(f"{path}: is a directory, not a params file") from None
     except UnicodeDecodeError as err:
-        raise UserError(f"{path}: not UTF-8 ({err.reason} at byte {err.start})") from None
+        raise UserError(f"{path}: not UTF-8 text (byte {err.start})") from None
+    except OSError as err:
+        raise UserError(f"{path}: cannot be read ({err.strerror})") from None
     except yaml.YAMLError as err:
         raise UserError(f"{path}: not valid YAML: {' '.join(str(err).split())}") from None
     if not isinstance(raw, dict):
@@ -312,11 +313,12 @@ def _hint(name, choices) -> str:
 
 def _describe(problem: dict) -> str:
     """One pydantic error as `key: value is not allowed (must be ...)`."""
-    # Union members add their own entries to loc ("literal['auto']", "int"): keep the path.
-    loc = [p for p in problem["loc"] if isinstance(p, int) or not _member_tag(p)]
+    # params.yaml is two levels deep: loc is (section, key, then list indexes and whatever pydantic
+    # adds for the member of a union that failed, "int" or "literal['auto']": not part of the key).
+    loc = problem["loc"]
     section = loc[0]
-    names = [str(p) for p in loc if isinstance(p, str)]
-    key = ".".join(names) + "".join(f"[{p}]" for p in loc if isinstance(p, int))
+    names = [str(p) for p in loc[:2]]
+    key = ".".join(names) + "".join(f"[{p}]" for p in loc[2:] if isinstance(p, int))
     fields = Params.model_fields[section].annotation.model_fields
     kind = problem["type"]
     if kind == "missing":
@@ -335,20 +337,14 @@ def _describe(problem: dict) -> str:
     return f"{key}: {_show(problem['input'])} is not allowed (must be {allowed})"
 
 
-def _member_tag(part: str) -> bool:
-    return part in ("int", "float", "bool", "str") or part.startswith(("literal[", "constrained-",
-                                                                       "function-"))
-
-
 def _show(value) -> str:
     return json.dumps(value, ensure_ascii=False)
 
 
 def main() -> None:
     """Check a params file whole (params.yaml by default); one line either way."""
-    if len(sys.argv) > 2:
-        raise UserError("usage: python -m titletune.params [PARAMS_YAML]")
-    path = Path(sys.argv[1]) if len(sys.argv) == 2 else PARAMS_FILE
+    (path,) = command_line("[PARAMS_YAML]")
+    path = path or PARAMS_FILE
     read_params(path)
     print(f"{path}: OK (sections {', '.join(Params.model_fields)})")
 

@@ -203,17 +203,20 @@ class Engine:
         if not self.model.device.type == "cuda" or self.sample is not None:
             return
         saved = [t.clone() for t in (self.tokens, self.count, self.active, self.cache.column, self.out)]
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):
+        try:
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(2):
+                    self.step()
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
                 self.step()
-        torch.cuda.current_stream().wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.step()
-        for t, s in zip((self.tokens, self.count, self.active, self.cache.column, self.out), saved):
-            t.copy_(s)  # the warm-up and capture ran the step: undo its writes
+            self.graph = graph
+        finally:
+            for t, s in zip((self.tokens, self.count, self.active, self.cache.column, self.out), saved):
+                t.copy_(s)  # the warm-up and capture ran the step: undo its writes
 
     def decode(self) -> None:
         if self.graph is not None:
@@ -312,7 +315,14 @@ def _run(model, prompts, results, slots, length, max_new_tokens, eos_ids, sample
     """Fill slots with the prompts not answered yet, longest first, until every prompt has its answer."""
     pending = deque(sorted((i for i, r in enumerate(results) if r is None), key=lambda i: -len(prompts[i])))
     engine = Engine(model, slots, length, max_new_tokens, eos_ids, sample)
-    engine.capture()
+    try:
+        engine.capture()
+    except torch.OutOfMemoryError:
+        raise
+    except RuntimeError as err:  # a model whose forward cannot be captured still generates, eagerly
+        engine.graph = None
+        tqdm.write(f"generation: the decode step runs without a CUDA graph ({str(err).splitlines()[0][:200]})",
+                   file=sys.stderr)
     owner = [-1] * slots  # the prompt each slot is answering
     shown = [0] * slots   # tokens of its answer passed to on_token
     refill_at = max(1, slots // 8)  # refill when this many slots are free (or none is busy)

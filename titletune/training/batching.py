@@ -9,9 +9,14 @@ Two modes:
   needs more memory than a training step.
   On CPU, where Unsloth cannot keep packed documents apart, the budget buys budget // max_length
   padded examples a step instead.
-- an example count (`tokens_per_step: 0`, the default): `per_device_train_batch_size` examples per
+- an example count (`tokens_per_step: 0`): `per_device_train_batch_size` examples per
   micro-step, padded to the longest on CPU. On a GPU `padding_free: false` leaves the choice to
   Unsloth, which makes them padding-free for most models; `true` asks for it.
+
+`tokens_per_step: auto` (the default) picks the fast path of the machine: on a GPU a budget of
+AUTO_BUDGET tokens (at least format.max_length), which ran the 1B shape 4.6x faster than 16 padded
+examples a step on an H100 (varlen flash attention against dense SDPA); on a CPU an example count,
+as 0 does. Any number set in params.yaml is used as it is.
 """
 from __future__ import annotations
 
@@ -19,9 +24,19 @@ from titletune.cli import UserError
 from titletune.params import Train
 
 
+AUTO_BUDGET = 16384  # tokens per GPU step for `tokens_per_step: auto`: the GPU profiles' budget (docs/gpu.md)
+
+
+def resolve_tokens_per_step(tp: Train, max_length: int, on_gpu: bool) -> Train:
+    """The train params with `tokens_per_step: auto` made a number for this machine (see above)."""
+    if tp.tokens_per_step != "auto":
+        return tp
+    return tp.model_copy(update={"tokens_per_step": max(AUTO_BUDGET, max_length) if on_gpu else 0})
+
+
 def batching_args(tp: Train, max_length: int, on_gpu: bool) -> dict:
     """SFTConfig arguments for batching, from the train params and format.max_length."""
-    budget = tp.tokens_per_step
+    budget = resolve_tokens_per_step(tp, max_length, on_gpu).tokens_per_step
     # Evaluation only needs the loss: never keep full-vocabulary logits of every batch.
     common = {"prediction_loss_only": True}
     # Unpacked, the formatted data is what the trainer takes as it is: token ids and labels, cut at
@@ -45,6 +60,15 @@ def batching_args(tp: Train, max_length: int, on_gpu: bool) -> dict:
     padding_free = tp.padding_free or (None if on_gpu and not tp.packing else False)
     return {**(common if tp.packing else unpacked), "packing": tp.packing, "padding_free": padding_free,
             "max_length": max_length, "per_device_train_batch_size": batch, "per_device_eval_batch_size": batch}
+
+
+def describe_batching(args) -> str:
+    """The batching an SFTConfig runs, in words (the train summary line, metrics/train.json)."""
+    if args.packing:
+        return f"packed rows of up to {args.max_length} tokens, padding-free"
+    rows = "padded" if args.padding_free is False else "padding-free" if args.padding_free else \
+        "padding-free where Unsloth supports it"
+    return f"{args.per_device_train_batch_size} examples a step, {rows}"
 
 
 def tokens_per_optimizer_step(tp: Train, max_length: int, world_size: int) -> int:

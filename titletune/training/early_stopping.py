@@ -1,8 +1,6 @@
 """Early stopping on the validation loss (train.early_stopping_patience), with transformers' own callback."""
 from __future__ import annotations
 
-from pathlib import Path
-
 from transformers import EarlyStoppingCallback
 
 
@@ -39,8 +37,8 @@ def stopping_metrics(trainer, log_history: list[dict], tp) -> dict:
     stopped = bool(stopper) and stopper.early_stopping_patience_counter >= stopper.early_stopping_patience \
         and trainer.state.global_step < trainer.state.max_steps   # at max_steps it ends anyway
     best_step = best_val_loss = None
-    if stopper and trainer.state.best_model_checkpoint:
-        best_step = int(Path(trainer.state.best_model_checkpoint).name.rsplit("-", 1)[1])
+    if stopper and trainer.state.best_model_checkpoint:   # the best step was saved: its weights are kept
+        best_step = trainer.state.best_global_step
         best_val_loss = next((e["eval_val_loss"] for e in log_history
                               if e.get("step") == best_step and "eval_val_loss" in e), None)
     reason = (f"early stopping: the validation loss did not improve for {tp.early_stopping_patience} evaluations"

@@ -4,7 +4,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from titletune.cli import atomic_path
+from titletune.cli import atomic_path, new_figure, write_png
 
 
 def step_rows(log_history: list[dict]) -> list[dict]:
@@ -29,10 +29,7 @@ def write_step_log(rows: list[dict], csv_path: Path, png_path: Path) -> None:
         for row in rows:
             writer.writerow({k: row.get(k, "") for k in fields})
 
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = new_figure(figsize=(7, 4))
     for key, label in (("train_loss", "train"), ("val_loss", "validation")):
         pts = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
         if pts:
@@ -40,6 +37,4 @@ def write_step_log(rows: list[dict], csv_path: Path, png_path: Path) -> None:
     ax.set(xlabel="step", ylabel="loss (completion tokens)", title="titletune: training loss")
     ax.legend()
     ax.grid(alpha=0.3)
-    with atomic_path(png_path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
-    plt.close(fig)
+    write_png(fig, png_path, bbox_inches="tight")

@@ -12,6 +12,9 @@ import shutil
 from pathlib import Path
 
 import torch
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_callback import TrainerState
+from transformers.trainer_utils import get_last_checkpoint, sort_checkpoints
 
 from titletune.training.launch import is_rank0
 
@@ -34,6 +37,20 @@ def checkpoint_dir(fingerprint: str) -> Path:
     return CHECKPOINT_DIR / fingerprint
 
 
+def complete_checkpoints(run_dir: Path) -> list[Path]:
+    """The run's checkpoints (transformers' own order, oldest first) that hold their trainer state,
+    the file a checkpoint gets last: one without it was cut short while being saved."""
+    if not run_dir.is_dir():
+        return []
+    return [Path(c) for c in sort_checkpoints(str(run_dir)) if (Path(c) / TRAINER_STATE_NAME).is_file()]
+
+
+def last_checkpoint_step(fingerprint: str) -> int | None:
+    """The step of this run's last complete checkpoint, from its trainer state; None: none yet."""
+    complete = complete_checkpoints(checkpoint_dir(fingerprint))
+    return TrainerState.load_from_json(str(complete[-1] / TRAINER_STATE_NAME)).global_step if complete else None
+
+
 def resumable_checkpoint(fingerprint: str) -> bool:
     """True when this run's folder holds a complete checkpoint. The folders of other runs (killed
     with other params or data) are removed: checkpoints can be large, and only an unchanged run
@@ -41,16 +58,24 @@ def resumable_checkpoint(fingerprint: str) -> bool:
     run_dir = checkpoint_dir(fingerprint)
     for other in CHECKPOINT_DIR.glob("*"):
         if other != run_dir:
-            shutil.rmtree(other) if other.is_dir() else other.unlink()
-    for ckpt in run_dir.glob("checkpoint-*"):
-        if not (ckpt / "trainer_state.json").is_file():
-            shutil.rmtree(ckpt)  # cut short while being saved (its state file is written last)
-    if any(run_dir.glob("checkpoint-*")):
+            _remove(other)
+    complete = complete_checkpoints(run_dir)
+    for ckpt in sort_checkpoints(str(run_dir)) if run_dir.is_dir() else []:
+        if Path(ckpt) not in complete:
+            _remove(Path(ckpt))
+    if run_dir.is_dir() and get_last_checkpoint(str(run_dir)):   # where the trainer resumes from
         return True
-    if run_dir.exists():
-        shutil.rmtree(run_dir)
+    _remove(run_dir)
     run_dir.mkdir(parents=True)
     return False
+
+
+def _remove(path: Path) -> None:
+    """A folder with what is in it; a file or a link (never what a link points to)."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
 
 
 def resume_decision(fingerprint: str, world_size: int) -> bool:
@@ -58,7 +83,7 @@ def resume_decision(fingerprint: str, world_size: int) -> bool:
     resume = resumable_checkpoint(fingerprint) if is_rank0() else False
     if world_size > 1:
         torch.distributed.barrier()  # rank 0 has cleared or kept the checkpoints
-        resume = any(checkpoint_dir(fingerprint).glob("checkpoint-*"))
+        resume = get_last_checkpoint(str(checkpoint_dir(fingerprint))) is not None
     return resume
 
 

@@ -1,15 +1,17 @@
 """LoRA / QLoRA training with Unsloth and TRL: the SFTConfig, the adapter, the losses, measuring.
 
-sft_config passes the train params that carry SFTConfig's own names straight through (SFT_KEYS)
-and adds what the hardware decides (hardware_settings: precision, `optim: auto`), the batching
-(titletune.training.batching) and early stopping (titletune.training.early_stopping). Resuming a killed run:
-titletune.training.resuming; the per-step loss log and plot: titletune.training.loss_log.
+sft_config passes the train params that carry SFTConfig's own names straight through (SFT_KEYS,
+derived from the two classes' fields) and adds what the hardware decides (hardware_settings:
+precision, `optim: auto`), the batching (titletune.training.batching) and early stopping
+(titletune.training.early_stopping). Resuming a killed run: titletune.training.resuming; the
+per-step loss log and plot: titletune.training.loss_log.
 """
 from __future__ import annotations
 
 import unsloth  # noqa: F401  (first: it patches transformers, TRL and PEFT; see titletune.modeling)
 from unsloth import FastLanguageModel
 
+import dataclasses
 import difflib
 import json
 import time
@@ -19,18 +21,18 @@ import torch
 from trl import SFTConfig
 
 from titletune.cli import UserError, atomic_path, write_json
+from titletune.params import Train
 from titletune.splits import select_examples
-from titletune.training.batching import batching_args, tokens_per_optimizer_step
+from titletune.training.batching import batching_args, describe_batching, tokens_per_optimizer_step
 from titletune.training.early_stopping import early_stopping_args
 from titletune.training.launch import is_rank0
 from titletune.training.profiling import Throughput, peak_memory_gb
 from titletune.training.resuming import LOSS_BEFORE, checkpoint_dir
 
 LOSS_SUBSET = 256  # examples used to measure train loss before/after (the full train set is too slow)
-# train params that are SFTConfig arguments of the same name and meaning
-# (batch size, packing and padding-free are decided by titletune.training.batching)
-SFT_KEYS = ("gradient_accumulation_steps", "learning_rate", "lr_scheduler_type", "warmup_steps", "weight_decay",
-            "num_train_epochs", "seed", "eval_steps", "logging_steps", "save_steps", "save_total_limit")
+# The train params named like SFTConfig arguments (fields of titletune.params.Train that SFTConfig
+# declares too). sft_config passes each one through as it is, unless it decides that argument itself.
+SFT_KEYS = tuple(key for key in Train.model_fields if key in {field.name for field in dataclasses.fields(SFTConfig)})
 
 
 def check_names(tp) -> None:
@@ -61,10 +63,9 @@ def hardware_settings(optim: str) -> dict:
 
 def sft_config(tp, max_length: int, hw: dict, world_size: int, output_dir: Path) -> SFTConfig:
     """The SFTConfig of a run, from the train params and the hardware (also used by benchmarks/)."""
-    return SFTConfig(
+    decided = dict(
         output_dir=str(output_dir),
-        **{key: getattr(tp, key) for key in SFT_KEYS},
-        **batching_args(tp, max_length, on_gpu=not hw["use_cpu"]),
+        **batching_args(tp, max_length, on_gpu=not hw["use_cpu"]),  # batch size, packing, padding-free
         max_steps=tp.max_steps if tp.max_steps > 0 else -1,  # 0: num_train_epochs decides
         data_seed=tp.seed,
         optim=hw["optim"], bf16=hw["bf16"], fp16=hw["fp16"], use_cpu=hw["use_cpu"],
@@ -77,6 +78,7 @@ def sft_config(tp, max_length: int, hw: dict, world_size: int, output_dir: Path)
         report_to=["mlflow"] if is_rank0() else [],
         **early_stopping_args(tp),
     )
+    return SFTConfig(**{key: getattr(tp, key) for key in SFT_KEYS if key not in decided}, **decided)
 
 
 def fit_packed_rows(model, tp) -> None:
@@ -187,7 +189,8 @@ def run_metrics(trainer, before: dict, after: dict, runtime: float, throughput: 
         "real_tokens_per_step": throughput.tokens / throughput.steps if throughput.steps else 0.0,
         "peak_memory_gb": peak_memory_gb(),
         "attention": attention,  # the kernel padding-free rows ran on (titletune.training.attention)
-        "tokens_per_step": tp.tokens_per_step,  # 0: examples per step, below
+        "tokens_per_step": tp.tokens_per_step,  # 0: examples per step, below (auto: resolved for this machine)
+        "batching": describe_batching(trainer.args),
         # Rows (token budget) or examples per optimizer step, all ranks.
         "effective_batch_size": trainer.args.per_device_train_batch_size * tp.gradient_accumulation_steps * world_size,
         "tokens_per_optimizer_step": tokens_per_optimizer_step(tp, max_length, world_size),  # at most

@@ -246,11 +246,14 @@ def test_answers_longer_than_the_model_positions_are_refused(repo):
             "adapter": subprocess.Popen([sys.executable, "-c", ADAPTER], **start)}).items():
         assert proc.returncode == 0, (name, proc.stderr[-3000:])
     set_params(repo, {"evaluate": {"max_new_tokens": 10**8}, "export": {"parity_max_new_tokens": 1024}})
+    # a store each: two processes creating one sqlite store at once race on its schema
+    store = {name: {**start, "env": dict(ENV, MLFLOW_TRACKING_URI=f"sqlite:///{repo.parent / name}.db")}
+             for name in ("evaluate", "export")}
     done = all_done({
         "evaluate": subprocess.Popen([sys.executable, "-m", "stages.evaluate", "data/formatted", "models/adapter",
-                                      "metrics"], **start),
+                                      "metrics"], **store["evaluate"]),
         "export": subprocess.Popen([sys.executable, "-m", "stages.export", "data/formatted", "models/adapter",
-                                    "models/merged", "metrics/export.json"], **start)})
+                                    "models/merged", "metrics/export.json"], **store["export"])})
     assert re.fullmatch(r"error: params\.yaml: evaluate\.max_new_tokens: 100000000 is not allowed with "
                         r"models/tiny-llama \(must be at most \d+: its 1,024 positions less the longest test "
                         r"prompt, \d+ tokens\)", one_error(done["evaluate"]))

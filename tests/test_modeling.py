@@ -61,4 +61,7 @@ def test_models_load_in_float32_on_every_cpu(monkeypatch):
     assert FakeFastLanguageModel.asked["dtype"] is torch.float32 and modeling.compute_dtype() is torch.float32
     assert tokenizer.pad_token == "</s>"                   # no pad token: EOS pads
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert modeling.compute_dtype() is None                # GPU: Unsloth's auto (bf16, else fp16)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    assert modeling.compute_dtype() is torch.bfloat16      # GPU: as Unsloth's auto picks (bf16, else fp16)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
+    assert modeling.compute_dtype() is torch.float16

@@ -53,7 +53,7 @@ def test_the_committed_params_are_valid_and_typed():
     ("train", "per_device_train_batch_size", 0, "must be a whole number >= 1"),
     ("train", "gradient_accumulation_steps", -2, "must be a whole number >= 1"),
     ("train", "num_train_epochs", 0, "must be a number > 0"),
-    ("evaluate", "batch_size", 0, "must be a whole number >= 1"),
+    ("evaluate", "batch_size", 0, "must be auto or a whole number >= 1"),
     ("evaluate", "max_new_tokens", 0, "must be a whole number >= 1"),
     ("format", "max_length", 0, "must be a whole number >= 1"),
     ("preprocess", "min_content_chars", -1, "must be a whole number >= 0"),

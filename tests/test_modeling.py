@@ -62,7 +62,7 @@ def test_models_load_in_float32_on_every_cpu(monkeypatch):
     assert tokenizer.pad_token == "</s>"                   # no pad token: EOS pads
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
-    assert modeling.compute_dtype() is torch.bfloat16      # GPU: bf16 where supported, else fp16
+    assert modeling.compute_dtype() is torch.bfloat16      # GPU: as Unsloth's auto picks (bf16, else fp16)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
     assert modeling.compute_dtype() is torch.float16
 
@@ -114,7 +114,6 @@ def test_a_pickled_adapter_is_refused_before_the_base_loads(tmp_path):
     from titletune.generation.engine import load_for_generation
     with pytest.raises(UserError, match=rf"^adapter: {adapter} has pickle weights only \(adapter_model.bin\)"):
         load_for_generation(TINY, adapter)                   # evaluate's, export's and ask's loader
-
 
 
 def test_the_answer_must_fit_the_model_positions():

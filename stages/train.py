@@ -16,7 +16,6 @@ from titletune.training.sft import (Throughput, add_lora, check_names, eval_sets
                                     run_metrics, save_adapter, sft_config, timed_train, train_val_sets)
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -29,18 +28,10 @@ from titletune.params import load_params
 from titletune.tracking import ended_if_failed, finish_training_run, start_training_run
 from titletune.training.attention import install_varlen_compat
 from titletune.training.early_stopping import early_stopping_callbacks, stopping_metrics
-from titletune.training.launch import is_rank0, launch_command, local_rank, resolve_gpus, world_size
+from titletune.launch import is_rank0, local_rank, relaunch, resolve_gpus, world_size
 from titletune.training.loss_log import step_rows, write_step_log
 from titletune.training.profiling import profile_callbacks
 from titletune.training.resuming import checkpoint_dir, clear_checkpoints, resume_decision, run_fingerprint
-
-
-def relaunch(n_gpus: int) -> None:
-    """Run this stage again under torchrun on n_gpus, as the same script or module."""
-    this = ["-m", __spec__.name] if __spec__ else [str(Path(__file__).resolve())]
-    cmd = launch_command(n_gpus, [*this, *sys.argv[1:]])
-    print(f"train: launching on {n_gpus} GPUs: {' '.join(cmd)}", flush=True)
-    sys.exit(subprocess.run(cmd).returncode)
 
 
 def interrupted_at(checkpoints: Path, step: int, save_steps: int) -> str:
@@ -91,7 +82,8 @@ def main() -> None:
     check_names(tp)
     n_gpus = resolve_gpus(tp.gpus)
     if n_gpus > 1 and "WORLD_SIZE" not in os.environ:
-        relaunch(n_gpus)
+        relaunch(n_gpus, [*(["-m", __spec__.name] if __spec__ else [str(Path(__file__).resolve())]), *sys.argv[1:]],
+                 "train")
     trainer, throughput, fingerprint, device = build_trainer(data_dir, model_params, fmt, tp)
     resume = resume_decision(fingerprint, world_size())
     attention = install_varlen_compat(padding_free=bool(trainer.args.padding_free or trainer.args.packing))

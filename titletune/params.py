@@ -87,6 +87,7 @@ Count = whole("a whole number >= 0", ge=0)
 Size = whole("a whole number >= 1", ge=1)
 Fraction = number("a number in [0, 1)", ge=0, lt=1)
 Positive = number("a number > 0", gt=0)
+Gpus = Annotated[Union[Literal["auto"], Annotated[int, Field(ge=0)]], Allowed("auto or a whole number >= 0")]  # auto: every visible GPU
 
 
 class Section(BaseModel):
@@ -137,7 +138,7 @@ class Format(Section):
 
 
 class Train(Section):
-    gpus: Annotated[Union[Literal["auto"], Annotated[int, Field(ge=0)]], Allowed("auto or a whole number >= 0")]
+    gpus: Gpus
     seed: Count
     lora_r: Size
     lora_alpha: Size
@@ -203,6 +204,12 @@ class Export(Section):
     register_merged: Flag  # log models/merged to MLflow with the adapter's registry version
 
 
+class Predict(Section):
+    # scripts/predict.py (not a pipeline stage): its share of work and of GPUs.
+    chunk_rows: Size  # rows per part file: the unit of resuming and of the data-parallel split
+    gpus: Gpus
+
+
 class Params(Section):
     data: Data
     preprocess: Preprocess
@@ -211,6 +218,7 @@ class Params(Section):
     train: Train
     evaluate: Evaluate
     export: Export
+    predict: Predict
 
 
 def load_params(*sections: str, path: Path | str = PARAMS_FILE):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from titletune.training.launch import is_rank0
+from titletune.launch import is_rank0
 
 # Trainer checkpoints of the run in progress, in a folder named after its fingerprint, outside
 # every DVC output: DVC never saves a stage with a `persist` output to its run-cache, and the

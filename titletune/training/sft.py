@@ -22,7 +22,7 @@ from titletune.cli import UserError, atomic_path, write_json
 from titletune.splits import select_examples
 from titletune.training.batching import batching_args, tokens_per_optimizer_step
 from titletune.training.early_stopping import early_stopping_args
-from titletune.training.launch import is_rank0
+from titletune.launch import is_rank0
 from titletune.training.profiling import Throughput, peak_memory_gb
 from titletune.training.resuming import LOSS_BEFORE, checkpoint_dir
 

@@ -51,7 +51,7 @@ def main() -> None:
     os.chdir(ROOT)  # params.yaml and the paths in it are relative to the repository root
     params = load_params("model", "format", "evaluate", "predict")
 
-    found = check_input(input_path, output, args.overwrite)   # bad input stops here, before any model
+    found = check_input(input_path, output, source, args.overwrite)   # bad input stops here, before any model
 
     n_gpus = resolve_gpus(params[3].gpus, "predict.gpus")
     if n_gpus > 1 and world_size() == 1:   # not yet under torchrun: there, one process a GPU

@@ -350,7 +350,7 @@ def load_predictor(model_params, fmt, source: Path | None):
         model = AutoModelForCausalLM.from_pretrained(
             source, dtype=compute_dtype() or "auto", use_safetensors=True,
             trust_remote_code=model_params.trust_remote_code,
-            device_map={"": cuda_rank if cuda_rank is not None else ("cuda" if _cuda() else "cpu")})
+            **({"device_map": {"": cuda_rank or 0}} if _cuda() else {}))
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=model_params.trust_remote_code)
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
@@ -371,8 +371,11 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def check_input(input_path: Path, output: Path, overwrite: bool) -> Scan:
+def check_input(input_path: Path, output: Path, source: Path | None, overwrite: bool) -> Scan:
     """Everything about the files that can stop the command, before any model loads."""
+    if source is not None and not source.is_dir():
+        raise UserError(f"{source}: no model here; run `dvc repro` (train writes models/adapter, export "
+                        "models/merged) or pass --model FOLDER or --base")
     if output.exists() and not overwrite:
         raise UserError(f"{output}: exists; pass --overwrite to replace it")
     if input_path.exists() and output.resolve() == input_path.resolve():

@@ -23,7 +23,6 @@ relaunches itself under torchrun, one process a GPU; the output order is the inp
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -45,18 +44,16 @@ def main() -> None:
     which.add_argument("--base", action="store_true", help="the base model (params.yaml model.name), no adapter")
     ap.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
     args = ap.parse_args()
-    input_path, output = args.input.resolve(), args.output.resolve()
     source = None if args.base else args.model.resolve()
-    cwd = Path.cwd()
-    os.chdir(ROOT)  # params.yaml and the paths in it are relative to the repository root
-    params = load_params("model", "format", "evaluate", "predict")
-
-    found = check_input(input_path, output, source, args.overwrite)   # bad input stops here, before any model
+    # params.yaml and the model paths in it are relative to the repository root; INPUT and OUTPUT
+    # to where the command runs (its messages name them as given)
+    params = load_params("model", "format", "evaluate", "predict", path=ROOT / "params.yaml")
+    found = check_input(args.input, args.output, source, args.overwrite)   # bad input stops here, before any model
 
     n_gpus = resolve_gpus(params[3].gpus, "predict.gpus")
     if n_gpus > 1 and world_size() == 1:   # not yet under torchrun: there, one process a GPU
-        relaunch(n_gpus, [str(Path(__file__).resolve()), *sys.argv[1:]], "predict", cwd)
-    predict(input_path, output, source, found, params)
+        relaunch(n_gpus, [str(Path(__file__).resolve()), *sys.argv[1:]], "predict")
+    predict(args.input, args.output, source, found, params, ROOT)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 from titletune.cli import UserError
 
@@ -33,12 +32,12 @@ def launch_command(n_gpus: int, argv: list[str]) -> list[str]:
             f"--nproc_per_node={n_gpus}", *argv]
 
 
-def relaunch(n_gpus: int, argv: list[str], name: str, cwd: Path | None = None) -> None:
+def relaunch(n_gpus: int, argv: list[str], name: str) -> None:
     """Run this command (`argv`: its script or `-m module`, and its arguments) again under torchrun
-    on n_gpus, in cwd; exit with its exit code."""
+    on n_gpus; exit with its exit code."""
     cmd = launch_command(n_gpus, argv)
     print(f"{name}: launching on {n_gpus} GPUs: {' '.join(cmd)}", flush=True)
-    sys.exit(subprocess.run(cmd, cwd=cwd).returncode)
+    sys.exit(subprocess.run(cmd).returncode)
 
 
 def is_rank0() -> bool:

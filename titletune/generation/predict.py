@@ -18,6 +18,7 @@ every rank has finished (a gloo barrier), so the output keeps the input's order.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import json
@@ -383,9 +384,9 @@ def check_input(input_path: Path, output: Path, source: Path | None, overwrite: 
     return scan(input_path)
 
 
-def predict(input_path: Path, output: Path, source: Path | None, found: Scan, params) -> None:
+def predict(input_path: Path, output: Path, source: Path | None, found: Scan, params, root: Path) -> None:
     """Answer every valid row of input_path (checked: `found`) into output (JSON lines: uid,
-    title, answer, tokens)."""
+    title, answer, tokens); `root`: the folder model.name is relative to (the repository)."""
     model_params, fmt, ep, pp = params
     n_chunks = -(-found.rows // pp.chunk_rows)
     work = work_dir(output)
@@ -401,7 +402,8 @@ def predict(input_path: Path, output: Path, source: Path | None, found: Scan, pa
         resumed = open_work_dir(work, manifest)
     barrier()  # the work folder exists before any rank writes into it
 
-    model, tokenizer = load_predictor(model_params, fmt, source)
+    with contextlib.chdir(root):
+        model, tokenizer = load_predictor(model_params, fmt, source)
     start = time.perf_counter()
     try:
         rows_done, tokens, parts = answer_all(model, tokenizer, input_path, work, found.rows, fmt, pp, ep)
@@ -419,7 +421,8 @@ def predict(input_path: Path, output: Path, source: Path | None, found: Scan, pa
     if not is_rank0():
         return
     join_parts(work, n_chunks, output)
-    skipped = f", {found.bad_count:,} malformed lines skipped (listed above)" if found.bad_count else ""
+    skipped = (f", {found.bad_count:,} malformed line{'s' * (found.bad_count > 1)} skipped (listed above)"
+               if found.bad_count else "")
     earlier = f"; {resumed} of {n_chunks} parts from an earlier run" if resumed else ""
     print(f"predict: {found.rows:,} rows -> {output}{skipped}; {rows_done:,} answered in {seconds:.1f} s, "
           f"{tokens:,} tokens ({tokens / max(seconds, 1e-9):,.0f} tokens/s){earlier}", flush=True)

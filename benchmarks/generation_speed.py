@@ -1,164 +1,225 @@
-"""Generation speed: the evaluate stage's generation against the seed notebook's loop, in one run.
+"""Generation speed: today's evaluate path ("before") against the generation engine, in one run.
 
-    python benchmarks/generation_speed.py                         # CPU: models/tiny-llama (+ models/adapter)
-    python benchmarks/generation_speed.py --shape llama-3.2-1b    # GPU: random-init Llama-3.2-1B shape, bf16
+    python benchmarks/generation_speed.py                          # CPU: models/tiny-llama (+ models/adapter)
+    python benchmarks/generation_speed.py --shape 1b --shape 8b    # GPU: random-init Llama shapes, bf16
 
-Same model, same prompts, same number of new tokens for both paths:
-  evaluate   titletune.generation.engine.generate() (the evaluate stage's): batches, left padding, KV cache
-  seed loop  one prompt at a time, model.generate(use_cache=False): every new token re-runs the text
-Greedy, and end-of-sequence is held off (min_new_tokens = max_new_tokens) so that both generate
-exactly --new-tokens tokens per prompt. Each path runs once untimed first (warm-up), then both
-run in turn --repeats times and the best time of each counts.
+Paths, each in a process of its own (loading through Unsloth patches transformers' Llama classes
+for the whole process, so the two paths never share one):
+  before   the evaluate stage before the engine: Unsloth's from_pretrained + for_inference, then
+           model.generate() on batches of --batch-size prompts, left padded, sorted by length
+  engine   titletune.generation.engine: static KV cache, one slot per sequence, refilled as
+           answers end; on a GPU the decode step is a CUDA graph
 
---model: a local model folder; the trained adapter is applied when --adapter exists; prompts are
-the evaluate stage's test prompts from --data. --shape: a random-init model built on the GPU from
-a LlamaConfig, prompts of random token ids (fixed seed) of 32-48 tokens.
+Every measurement is one JSON line appended to --out (fields: device, shape, path, adapter, eos,
+prompts, new_tokens, output_tokens_per_s, peak_gb, command, ...). Greedy. With eos off, every
+prompt gets exactly --new-tokens tokens. With eos on, answers end at an end-of-answer token: the
+tiny model's own EOS; for random-init shapes, whose argmax almost never hits one EOS id, 1/64 of
+the vocabulary is declared end-of-answer so that answers end at different lengths (mean ~40 of
+64 tokens), and the figure counts only the tokens up to the end (useful tokens/s).
+
+Prompts: the tiny model answers the evaluate stage's test prompts (data/formatted). Random-init
+shapes get random token ids with the real test-prompt length distribution: the training prompt
+(titletune.prompt) around the rotated questions for the titles of the embedded sample, at ~4
+characters per Llama-3 token (Llama-3's average on English text).
 """
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
-import statistics
+import math
+import os
+import subprocess
 import sys
 import time
 from pathlib import Path
 
-import unsloth  # noqa: F401  (first, as in the stages: it patches transformers and PEFT)
-import torch
-from tqdm import tqdm
-
-from titletune.cli import UserError, run_main
-from titletune.generation.engine import generate, prompt_ids
-from titletune.modeling import load_formatted, load_model, load_tuned_model
-from titletune.params import load_params
-from titletune.splits import select_examples
-
 ROOT = Path(__file__).resolve().parent.parent
-
 SHAPES = {
     # meta-llama/Llama-3.2-1B: 1.24 B parameters (tied embeddings)
-    "llama-3.2-1b": dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32,
-                         num_key_value_heads=8, intermediate_size=8192, vocab_size=128256,
-                         tie_word_embeddings=True, max_position_embeddings=8192,
-                         bos_token_id=128000, eos_token_id=128001, pad_token_id=128004),
+    "1b": dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
+               intermediate_size=8192, vocab_size=128256, tie_word_embeddings=True, head_dim=64),
+    # meta-llama/Llama-3.1-8B: 8.03 B parameters
+    "8b": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+               intermediate_size=14336, vocab_size=128256, tie_word_embeddings=False, head_dim=128),
 }
+LLAMA3 = dict(bos_token_id=128000, eos_token_id=128001, pad_token_id=128004, max_position_embeddings=8192,
+              rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                               "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                               "original_max_position_embeddings": 8192})
+CHARS_PER_TOKEN = 4
 
 
-def seed_loop(model, prompts: list[list[int]], pad_token_id: int, **generate_kwargs) -> list[list[int]]:
-    """The seed notebook's way: one prompt at a time, without the KV cache."""
-    out = []
-    for ids in tqdm(prompts, desc="seed loop", unit="prompt"):
-        input_ids = torch.tensor([ids], device=model.device)
+def sample_prompt_lengths(n: int) -> list[int]:
+    """Token lengths of n training prompts for the sample's titles (cycled), in Llama-3 tokens."""
+    from titletune.params import load_params
+    from titletune.prompt import INSTRUCTION_TEMPLATE, pick_question
+    fmt = load_params("format")
+    lengths = []
+    with gzip.open(ROOT / "data/sample/trn.json.gz", "rt", encoding="utf-8") as f:
+        for line in f:
+            rec = json.loads(line)
+            question = pick_question(fmt.questions, rec["uid"]).format(title=rec["title"])
+            lengths.append(1 + math.ceil(len(INSTRUCTION_TEMPLATE.format(question=question)) / CHARS_PER_TOKEN))
+    return [lengths[i % len(lengths)] for i in range(n)]
+
+
+def build_shape(shape: str, folder: Path) -> None:
+    """A random-init model of a real shape (bf16, safetensors) and a LoRA adapter for it (r 16,
+    every linear layer, as train makes; B random instead of zero so that it changes the answers)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+    if (folder / "adapter" / "adapter_config.json").is_file():
+        return
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(LlamaConfig(**SHAPES[shape], **LLAMA3)).to(torch.bfloat16)
+    model.save_pretrained(folder / "base")
+    lora = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", init_lora_weights=False))
+    lora.save_pretrained(folder / "adapter")
+
+
+def random_prompts(n: int, seed: int = 0) -> list[list[int]]:
+    import torch
+    gen = torch.Generator().manual_seed(seed)
+    return [[128000] + torch.randint(0, 128000, (length - 1,), generator=gen).tolist()
+            for length in sample_prompt_lengths(n)]
+
+
+def before_generate(model, prompts, *, pad_token_id, batch_size, eos_ids, max_new_tokens):
+    """The evaluate stage's generation before the engine (titletune/generation.py, Dec 2026)."""
+    import torch
+    from titletune.generation.engine import pad_batch
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    out = [[] for _ in prompts]
+    hold = {} if eos_ids else {"min_new_tokens": max_new_tokens}
+    for start in range(0, len(order), batch_size):
+        batch = order[start:start + batch_size]
+        ids, attention = pad_batch([prompts[i] for i in batch], pad_token_id, side="left")
         with torch.inference_mode():
-            generated = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                                       pad_token_id=pad_token_id, use_cache=False, **generate_kwargs)
-        out.append(generated[0, len(ids):].tolist())
+            generated = model.generate(input_ids=ids.to(model.device), attention_mask=attention.to(model.device),
+                                       pad_token_id=pad_token_id, use_cache=True, do_sample=False,
+                                       max_new_tokens=max_new_tokens, eos_token_id=sorted(eos_ids) or None, **hold)
+        for row, i in enumerate(batch):
+            out[i] = generated[row, ids.shape[1]:].tolist()
     return out
 
 
-def timed(fn):
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    result = fn()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return result, time.perf_counter() - start
+def load(path: str, model_dir: Path, adapter: Path | None):
+    """The model as each path loads it."""
+    from titletune.params import load_params
+    model_params = load_params("model")
+    model_params = model_params.model_copy(update={"name": str(model_dir)})
+    if path == "before":
+        from titletune.modeling import load_model, load_tuned_model, unsloth
+        model, tokenizer = load_tuned_model(model_params, 4096, adapter) if adapter else load_model(model_params, 4096)
+        unsloth().for_inference(model)
+        return model.eval(), tokenizer
+    from titletune.generation.engine import load_for_generation
+    return load_for_generation(model_params, adapter)
 
 
-def local_model(args, model, fmt):
-    """The tiny (or any local) model, with the trained adapter if there is one, and the test prompts."""
-    model_params = model.model_copy(update={"name": args.model})
-    max_length = fmt.max_length
-    if (args.adapter / "adapter_config.json").is_file():
-        model, tokenizer = load_tuned_model(model_params, max_length, args.adapter)
-        label = f"{args.model} + adapter"
+def measure(args) -> dict:
+    """One path, one model, one setting: a warm-up on a few prompts, then the timed run."""
+    import torch
+    from titletune.generation.engine import eos_token_ids, generate, prompt_ids, until_eos
+    if args.shape:
+        folder = Path(args.work) / args.shape
+        model, tokenizer = load(args.path, folder / "base", folder / "adapter" if args.adapter else None)
+        prompts = random_prompts(args.prompts)
+        vocab = model.config.get_text_config().vocab_size
+        eos_ids = set(range(0, vocab, 64)) if args.eos else set()
     else:
-        model, tokenizer = load_model(model_params, max_length)
-        label = f"{args.model} (no adapter at {args.adapter})"
-    from unsloth import FastLanguageModel
-    FastLanguageModel.for_inference(model)  # as the evaluate stage does
-    prompts = prompt_ids(select_examples(load_formatted(args.data)["test"], args.prompts))
-    return model.eval(), prompts, tokenizer.pad_token_id, label
+        from titletune.modeling import load_formatted
+        from titletune.splits import select_examples
+        model, tokenizer = load(args.path, ROOT / "models/tiny-llama", ROOT / "models/adapter" if args.adapter else None)
+        prompts = prompt_ids(select_examples(load_formatted(ROOT / "data/formatted")["test"], 0))[:args.prompts]
+        eos_ids = eos_token_ids(model, tokenizer) if args.eos else set()
+    pad = tokenizer.pad_token_id
 
+    def run(batch):
+        if args.path == "before":
+            return before_generate(model, batch, pad_token_id=pad, batch_size=args.batch_size,
+                                   eos_ids=eos_ids, max_new_tokens=args.new_tokens)
+        return generate(model, batch, pad_token_id=pad, max_new_tokens=args.new_tokens, eos_ids=eos_ids,
+                        batch_size=args.slots, progress=False)
 
-def shape_model(args):
-    """A random-init model of a real shape on the GPU, in bf16, and random-token prompts."""
-    if not torch.cuda.is_available():
-        raise UserError("--shape builds a model on the GPU; no CUDA device here")
-    from transformers import LlamaConfig, LlamaForCausalLM
-    config = LlamaConfig(**SHAPES[args.shape])
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = LlamaForCausalLM._from_config(config, dtype=torch.bfloat16)
-    gen = torch.Generator().manual_seed(0)
-    lengths = torch.randint(32, 49, (args.prompts,), generator=gen).tolist()
-    prompts = [torch.randint(0, 128000, (n,), generator=gen).tolist() for n in lengths]
-    n_params = sum(p.numel() for p in model.parameters())
-    return model.eval(), prompts, config.pad_token_id, f"random-init {args.shape} ({n_params / 1e9:.2f} B, bf16)"
+    run(prompts[:64])  # warm-up: kernel selection, allocator, lazy init
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    answers = run(prompts)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    useful = sum(len(until_eos(a, eos_ids)) for a in answers)
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({torch.get_num_threads()} threads)"
+    return {"device": device, "shape": args.shape or "tiny", "path": args.path, "adapter": args.adapter,
+            "eos": args.eos, "prompts": len(prompts), "mean_prompt_tokens": sum(map(len, prompts)) / len(prompts),
+            "new_tokens": args.new_tokens, "output_tokens": useful, "seconds": seconds,
+            "output_tokens_per_s": useful / seconds, "mean_answer_tokens": useful / len(prompts),
+            "peak_gb": torch.cuda.max_memory_allocated() / 1e9 if torch.cuda.is_available() else None,
+            "attention": "engine: SDPA prefill + grouped matmul decode" if args.path == "engine" else
+                         "Unsloth for_inference (its own decode attention)",
+            "batch_size": args.batch_size if args.path == "before" else (args.slots or "auto"),
+            "answer_hash": hash(tuple(map(tuple, answers))) & 0xFFFFFFFF,
+            "command": "python benchmarks/generation_speed.py " + " ".join(args.argv)}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="models/tiny-llama", help="local model folder (default: %(default)s)")
-    ap.add_argument("--adapter", type=Path, default=ROOT / "models" / "adapter")
-    ap.add_argument("--data", type=Path, default=ROOT / "data" / "formatted")
-    ap.add_argument("--shape", choices=sorted(SHAPES), help="random-init model of this shape on the GPU")
-    ap.add_argument("--prompts", type=int, default=64, help="number of prompts (default: %(default)s)")
-    ap.add_argument("--new-tokens", type=int, default=32, help="new tokens per prompt (default: %(default)s)")
-    ap.add_argument("--batch-size", type=int, help="evaluate's batch size (default: params evaluate.batch_size)")
-    ap.add_argument("--repeats", type=int, default=3, help="timed runs of each path; the best counts")
-    ap.add_argument("--json", type=Path, help="also write the figures to this JSON file")
+    ap.add_argument("--shape", action="append", choices=sorted(SHAPES), help="random-init shape on the GPU (repeatable)")
+    ap.add_argument("--paths", default="before,engine")
+    ap.add_argument("--prompts", type=int, default=1024)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--batch-size", type=int, default=64, help="the before path's batch (evaluate's default: 64)")
+    ap.add_argument("--slots", type=int, help="the engine's slots (default: auto)")
+    ap.add_argument("--split-prompts", type=int, default=0,
+                    help="also time the engine (tuned) on this many prompts of the largest shape: the basis "
+                         "for the time of evaluate.max_samples 0 on the full corpus's test split")
+    ap.add_argument("--work", default="/tmp/titletune-bench", help="where random-init models are written")
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/generation_speed_cpu.jsonl")
+    # one measurement (the driver runs each in a process of its own)
+    ap.add_argument("--path", help=argparse.SUPPRESS)
+    ap.add_argument("--adapter", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--eos", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    model_params, fmt, ep = load_params("model", "format", "evaluate")
-    batch_size = args.batch_size or ep.batch_size
+    args.argv = sys.argv[1:]
+    if args.path:
+        if args.shape:
+            args.shape = args.shape[0]
+        print(json.dumps(measure(args)), flush=True)
+        return
 
-    model, prompts, pad, label = shape_model(args) if args.shape else local_model(args, model_params, fmt)
-    kwargs = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False)
-    device = (torch.cuda.get_device_name(0) if torch.cuda.is_available()
-              else f"CPU ({torch.get_num_threads()} threads)")
-
-    # Warm-up: first calls pay one-time costs (kernel selection, allocator, lazy init).
-    generate(model, prompts[:batch_size], pad_token_id=pad, batch_size=batch_size, desc="warm-up",
-             **dict(kwargs, max_new_tokens=2, min_new_tokens=2))
-    seed_loop(model, prompts[:1], pad, **dict(kwargs, max_new_tokens=2, min_new_tokens=2))
-
-    # Both paths in turn, --repeats times; the best time of each counts (the least disturbed by
-    # other jobs on a shared machine).
-    fast_times, slow_times = [], []
-    for _ in range(args.repeats):
-        fast, fast_s = timed(lambda: generate(model, prompts, pad_token_id=pad, batch_size=batch_size,
-                                              desc="evaluate", **kwargs))
-        slow, slow_s = timed(lambda: seed_loop(model, prompts, pad, **kwargs))
-        fast_times.append(fast_s)
-        slow_times.append(slow_s)
-        print(f"  evaluate {fast_s:.2f} s, seed loop {slow_s:.2f} s", flush=True)
-    fast_s, slow_s = min(fast_times), min(slow_times)
-    fast_tokens, slow_tokens = sum(map(len, fast)), sum(map(len, slow))
-    result = {
-        "model": label, "device": device, "prompts": len(prompts),
-        "mean_prompt_tokens": statistics.mean(map(len, prompts)), "new_tokens": args.new_tokens,
-        "batch_size": batch_size,
-        "evaluate_tokens_per_s": fast_tokens / fast_s, "evaluate_s": fast_s,
-        "seed_loop_tokens_per_s": slow_tokens / slow_s, "seed_loop_s": slow_s,
-        "speedup": (fast_tokens / fast_s) / (slow_tokens / slow_s),
-        "repeats": args.repeats, "evaluate_times_s": fast_times, "seed_loop_times_s": slow_times,
-        "same_greedy_output": sum(a == b for a, b in zip(fast, slow)),
-        "command": " ".join(["python", "benchmarks/generation_speed.py", *sys.argv[1:]]),
-    }
-    print(f"\ngeneration speed: {label} on {device}; {len(prompts)} prompts of "
-          f"{result['mean_prompt_tokens']:.0f} tokens on average, {args.new_tokens} new tokens each, greedy; "
-          f"best of {args.repeats}")
-    print(f"  evaluate  (batches of {batch_size}, left padding, KV cache): {fast_tokens:,} tokens in "
-          f"{fast_s:7.2f} s = {result['evaluate_tokens_per_s']:9,.1f} tokens/s")
-    print(f"  seed loop (one prompt at a time, use_cache=False):  {slow_tokens:,} tokens in "
-          f"{slow_s:7.2f} s = {result['seed_loop_tokens_per_s']:9,.1f} tokens/s")
-    print(f"  speed-up: {result['speedup']:.1f}x  (identical greedy tokens for "
-          f"{result['same_greedy_output']}/{len(prompts)} prompts; padding and caching change rounding)")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    cases = []  # (shape, path, adapter, eos, prompts)
+    for shape in args.shape or [None]:
+        for path in args.paths.split(","):
+            cases.append((shape, path, False, False, args.prompts))
+            if path == "engine":
+                cases += [(shape, "engine", True, False, args.prompts), (shape, "engine", True, True, args.prompts)]
+        if shape:
+            build_shape(shape, Path(args.work) / shape)
+    if args.split_prompts:
+        cases.append(((args.shape or [None])[-1], "engine", True, False, args.split_prompts))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    for shape, path, adapter, eos, prompts in cases:
+        cmd = [sys.executable, __file__, "--path", path, "--prompts", str(prompts), "--new-tokens",
+               str(args.new_tokens), "--batch-size", str(args.batch_size), "--work", args.work]
+        cmd += (["--shape", shape] if shape else []) + (["--adapter"] if adapter else []) + (["--eos"] if eos else [])
+        cmd += ["--slots", str(args.slots)] if args.slots else []
+        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))})
+        if proc.returncode != 0:
+            print(f"FAILED {shape} {path} adapter={adapter} eos={eos}:\n{proc.stderr[-3000:]}", flush=True)
+            sys.exit(1)
+        row = json.loads(proc.stdout.strip().splitlines()[-1])
+        with open(args.out, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        print(f"{row['device']:>24} {row['shape']:>4} {path:>6} adapter={adapter!s:5} eos={eos!s:5} {prompts:5} prompts "
+              f"{row['output_tokens_per_s']:9,.0f} tok/s  {row['seconds']:6.1f} s  "
+              f"answer {row['mean_answer_tokens']:.1f} tok  peak {row['peak_gb'] or 0:.1f} GB", flush=True)
 
 
 if __name__ == "__main__":
-    run_main(main)
+    main()

@@ -16,8 +16,7 @@ import sys
 from pathlib import Path
 
 from titletune.cli import run_main
-from titletune.generation.engine import generation_kwargs
-from titletune.modeling import load_model, load_tuned_model, unsloth
+from titletune.generation.engine import eos_token_ids, generate, generation_kwargs, load_for_generation
 from titletune.params import load_params
 from titletune.prompt import encode_prompts
 
@@ -50,22 +49,22 @@ def main() -> None:
     os.chdir(ROOT)  # params.yaml and the paths in it are relative to the repository root
     model_params, fmt, ep = load_params("model", "format", "evaluate")
 
-    # Both loaders import unsloth before transformers and PEFT.
-    if args.base:
-        model, tokenizer = load_model(model_params, fmt.max_length)
-    else:
-        model, tokenizer = load_tuned_model(model_params, fmt.max_length, adapter)
+    model, tokenizer = load_for_generation(model_params, None if args.base else adapter)
     from transformers import TextStreamer
-    unsloth().for_inference(model)
-    model.eval()
-    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-
     import torch
+    streamer = TextStreamer(tokenizer, skip_special_tokens=True)
+    eos_ids = eos_token_ids(model, tokenizer)
+
+    def show(_, token):  # the answer as it grows, without its end-of-answer token
+        if token not in eos_ids:
+            streamer.put(torch.tensor([token]))
+
     for question in questions(args.question):
         # the question is text, as the titles were in training: a `</s>` in it stays characters
-        ids = torch.tensor([encode_prompts(tokenizer, [question], fmt.style)[0]], device=model.device)
-        model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), streamer=streamer,
-                       pad_token_id=tokenizer.pad_token_id, use_cache=True, **generation_kwargs(ep))
+        ids = encode_prompts(tokenizer, [question], fmt.style)[0]
+        generate(model, [ids], pad_token_id=tokenizer.pad_token_id, eos_ids=eos_ids, progress=False,
+                 on_token=show, **generation_kwargs(ep))
+        streamer.end()
         sys.stdout.flush()
 
 

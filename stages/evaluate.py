@@ -23,10 +23,10 @@ import sys
 from pathlib import Path
 
 from titletune.cli import UserError, atomic_path, run_main, write_json
+from titletune.generation.engine import load_for_generation
 from titletune.generation.evaluation import (answer_and_score, base_settings, load_test_examples, read_base,
                                              write_samples)
 from titletune.generation.metrics import delta
-from titletune.modeling import load_tuned_model, unsloth
 from titletune.params import load_params
 from titletune.tracking import log_evaluation, register_evaluation
 
@@ -55,13 +55,11 @@ def plot_comparison(results: dict, n: int, path: Path) -> None:
 
 def main() -> None:
     test_dir, adapter_dir, base_metrics, base_samples, metrics_dir = map(Path, sys.argv[1:6])
-    model_params, fmt, ep = load_params("model", "format", "evaluate")
+    model_params, ep = load_params("model", "evaluate")
     examples = load_test_examples(test_dir, ep.max_samples)
     base, base_answers = read_base(base_metrics, base_samples, examples, base_settings(ep))
 
-    model, tokenizer = load_tuned_model(model_params, fmt.max_length, adapter_dir)
-    unsloth().for_inference(model)  # Unsloth's fast generation on GPU; no training state
-    model.eval()
+    model, tokenizer = load_for_generation(model_params, adapter_dir)  # the adapter merged into a working copy
     tuned, tuned_answers = answer_and_score(model, tokenizer, examples, ep, "tuned")
     results, answers = {"base": base, "tuned": tuned}, {"base": base_answers, "tuned": tuned_answers}
 

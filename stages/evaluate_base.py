@@ -2,7 +2,7 @@
 
     python stages/evaluate_base.py data/formatted/test metrics/eval_base.json metrics/eval_base_samples.jsonl
 
-Reads params `model`, `format.max_length` and the evaluate settings that change the answers
+Reads params `model` and the evaluate settings that change the answers
 (titletune.generation.evaluation.BASE_SETTINGS); dvc.yaml declares exactly those, so training
 changes never re-run it: `dvc exp run -S train.learning_rate=...` reuses these results, and the
 run-cache restores them wherever the same model, test split and settings were evaluated before.
@@ -16,19 +16,17 @@ import sys
 from pathlib import Path
 
 from titletune.cli import run_main
+from titletune.generation.engine import load_for_generation
 from titletune.generation.evaluation import answer_and_score, base_settings, load_test_examples, write_base
-from titletune.modeling import load_model, unsloth
 from titletune.params import load_params
 
 
 def main() -> None:
     test_dir, metrics_path, samples_path = map(Path, sys.argv[1:4])
-    model_params, fmt, ep = load_params("model", "format", "evaluate")
+    model_params, ep = load_params("model", "evaluate")
     examples = load_test_examples(test_dir, ep.max_samples)
 
-    model, tokenizer = load_model(model_params, fmt.max_length)
-    unsloth().for_inference(model)  # Unsloth's fast generation on GPU; no training state
-    model.eval()
+    model, tokenizer = load_for_generation(model_params)
     metrics, answers = answer_and_score(model, tokenizer, examples, ep, "base")
     write_base(metrics_path, samples_path, examples, base_settings(ep), metrics, answers)
     print(f"evaluate-base: {len(examples)} test examples, base model {model_params.name}: perplexity "

@@ -29,8 +29,9 @@ from pathlib import Path
 
 from titletune.cli import UserError, atomic_path, run_main, write_json
 from titletune.export.merge import compare, parity_problems, set_chat_template, set_generation_eos
-from titletune.generation.engine import eos_token_ids, generate, prompt_ids, reference_nll, until_eos
-from titletune.modeling import load_formatted, load_tuned_model
+from titletune.generation.engine import (eos_token_ids, generate, load_for_generation, prompt_ids, reference_nll,
+                                         until_eos)
+from titletune.modeling import load_formatted
 from titletune.params import load_params
 from titletune.splits import select_examples
 from titletune.tracking import register_export
@@ -39,8 +40,8 @@ from titletune.tracking import register_export
 def parity_scores(model, tokenizer, examples, export, eos_ids: set[int], name: str) -> dict:
     """Greedy answer ids (cut at EOS) and the mean NLL per reference token, per example."""
     pad = tokenizer.pad_token_id
-    new_ids = generate(model, prompt_ids(examples), pad_token_id=pad, batch_size=len(examples),
-                       desc=f"{name}: generating", max_new_tokens=export.parity_max_new_tokens, do_sample=False)
+    new_ids = generate(model, prompt_ids(examples), pad_token_id=pad, eos_ids=eos_ids, batch_size=len(examples),
+                       desc=f"{name}: generating", max_new_tokens=export.parity_max_new_tokens)
     nll = []
     for i in range(len(examples)):  # one example at a time: its own mean
         total, n = reference_nll(model, examples.select([i]), pad_token_id=pad, batch_size=1, progress=False)
@@ -53,10 +54,9 @@ def main() -> None:
     model_params, fmt, export, registry = load_params("model", "format", "export", "evaluate")
     # Merge into full-precision weights: merging into a 4-bit base would round the adapter away.
     model_params = model_params.model_copy(update={"load_in_4bit": False})
-    model, tokenizer = load_tuned_model(model_params, fmt.max_length, adapter_dir)
-    model.eval()
+    model, tokenizer = load_for_generation(model_params, adapter_dir, merge=False)
 
-    import torch  # after load_tuned_model, which imported unsloth first
+    import torch
     dtype = model.dtype if export.dtype == "auto" else getattr(torch, export.dtype)
     device = model.device
     eos_ids = eos_token_ids(model, tokenizer)

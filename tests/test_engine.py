@@ -1,12 +1,16 @@
-"""titletune/generation/engine.py: padding, batched generation order and caching, prompt ids
-(a stand-in model, no weights)."""
+"""titletune/generation/engine.py: the slot engine answers exactly as transformers' generate()
+does (greedy, float32, the tiny model), in prompt order, with slots refilled as answers end; it
+survives running out of GPU memory by halving its slots; padding and prompt ids."""
 from __future__ import annotations
 
+import pytest
 import torch
 from datasets import Dataset
 
-from titletune.generation.engine import generate, generation_kwargs, pad_batch, prompt_ids, until_eos
+from titletune.generation.engine import (eos_token_ids, generate, generation_kwargs, load_for_generation, pad_batch,
+                                         prompt_ids, until_eos)
 from titletune.params import load_params
+from titletune.testing import ROOT
 
 
 def test_until_eos():
@@ -22,40 +26,123 @@ def test_pad_batch_sides():
     assert ids.tolist() == [[5, 6, 7], [8, 0, 0]] and att.tolist() == [[1, 1, 1], [1, 0, 0]]
 
 
-class EchoModel:
-    """Stands in for a causal LM: 'generates' the last prompt token twice; records the calls."""
-    device = torch.device("cpu")
+def reference_answers(model, prompts, pad_token_id, eos_ids, max_new_tokens):
+    """transformers' own generate(), one prompt at a time (no padding, its own cache): the answer
+    every faster path must reproduce."""
+    out = []
+    for ids in prompts:
+        x = torch.tensor([ids])
+        with torch.inference_mode():
+            y = model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens,
+                               do_sample=False, pad_token_id=pad_token_id, eos_token_id=sorted(eos_ids))
+        out.append(until_eos(y[0, len(ids):].tolist(), eos_ids))
+    return out
 
-    def __init__(self):
-        self.calls = []
 
-    def generate(self, input_ids, attention_mask, **kwargs):
-        self.calls.append((input_ids.tolist(), attention_mask.tolist(), kwargs))
-        last = input_ids[:, -1:]
-        return torch.cat([input_ids, last, last], dim=1)
+def tiny_prompts(n: int, seed: int = 0) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(seed)
+    return [[1] + torch.randint(3, 2048, (int(length),), generator=gen).tolist()
+            for length in torch.randint(3, 40, (n,), generator=gen)]
 
 
-def test_generate_batches_left_padded_with_cache_and_keeps_order():
-    model = EchoModel()
-    prompts = [[1, 2, 3], [4], [5, 6], [7, 8, 9, 10]]
-    out = generate(model, prompts, pad_token_id=0, batch_size=2, max_new_tokens=2)
-    assert out == [[3, 3], [4, 4], [6, 6], [10, 10]]  # prompt order, whatever the batching
-    # Shortest prompts batched together, LEFT padded, cache on, params passed through.
-    (ids0, att0, kw0), (ids1, _, _) = model.calls
-    assert ids0 == [[0, 4], [5, 6]] and att0 == [[0, 1], [1, 1]]
-    assert ids1 == [[0, 1, 2, 3], [7, 8, 9, 10]]
-    assert kw0["use_cache"] is True and kw0["max_new_tokens"] == 2 and kw0["pad_token_id"] == 0
+@pytest.fixture(scope="module")
+def tiny():
+    model_params = load_params("model").model_copy(update={"name": str(ROOT / "models/tiny-llama")})
+    return load_for_generation(model_params)
+
+
+def test_engine_answers_like_transformers_generate_with_slots_refilled(tiny):
+    model, tok = tiny
+    prompts = tiny_prompts(12)
+    # Frequent ends: answers of many lengths, so that slots free up and are refilled mid-way.
+    eos_ids = set(range(0, 2048, 16)) | eos_token_ids(model, tok)
+    expected = reference_answers(model, prompts, tok.pad_token_id, eos_ids, max_new_tokens=12)
+    assert len({len(a) for a in expected}) > 3  # the case really has answers of different lengths
+    got = generate(model, prompts, pad_token_id=tok.pad_token_id, max_new_tokens=12, eos_ids=eos_ids,
+                   batch_size=3, progress=False)
+    assert [until_eos(a, eos_ids) for a in got] == expected
+
+
+class RunsOutOfMemory(torch.nn.Module):
+    """The tiny model on a 'GPU' that holds at most `limit` sequences a pass: larger passes raise
+    the error torch raises when CUDA memory runs out."""
+
+    def __init__(self, model, limit: int):
+        super().__init__()
+        self.inner, self.limit, self.largest = model, limit, 0
+        self.config, self.generation_config = model.config, model.generation_config
+
+    device = property(lambda self: self.inner.device)
+    dtype = property(lambda self: self.inner.dtype)
+
+    def forward(self, input_ids, **kwargs):
+        if input_ids.shape[0] > self.limit:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        self.largest = max(self.largest, input_ids.shape[0])
+        return self.inner(input_ids=input_ids, **kwargs)
+
+
+def test_out_of_memory_halves_the_slots_says_so_once_and_finishes(tiny, capsys):
+    model, tok = tiny
+    prompts = tiny_prompts(10, seed=1)
+    expected = generate(model, prompts, pad_token_id=tok.pad_token_id, max_new_tokens=8, eos_ids=set(),
+                        batch_size=8, progress=False)
+    small = RunsOutOfMemory(model, limit=2)
+    got = generate(small, prompts, pad_token_id=tok.pad_token_id, max_new_tokens=8, eos_ids=set(),
+                   batch_size=8, progress=False)
+    assert got == expected and small.largest == 2
+    err = capsys.readouterr().err
+    assert err.count("GPU out of memory") == 1 and "with 8 slots; finished with 2" in err  # 8 -> 4 -> 2
+
+
+def test_sampling_is_seeded_and_differs_from_greedy(tiny):
+    model, tok = tiny
+    prompts = tiny_prompts(6, seed=2)
+    kwargs = dict(pad_token_id=tok.pad_token_id, max_new_tokens=10, eos_ids=set(), batch_size=4, progress=False)
+    greedy = generate(model, prompts, **kwargs)
+    sampled = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        sampled.append(generate(model, prompts, do_sample=True, temperature=1.5, top_p=0.95, **kwargs))
+    assert sampled[0] == sampled[1] and sampled[0] != greedy
 
 
 def test_generation_kwargs_pass_sampling_settings_only_when_sampling():
     ep = load_params("evaluate").model_copy(update=dict(max_new_tokens=16, do_sample=False, temperature=0.7,
-                                                        top_p=0.9))
-    assert generation_kwargs(ep) == {"max_new_tokens": 16, "do_sample": False}
-    sampled = ep.model_copy(update={"do_sample": True})
+                                                        top_p=0.9, batch_size="auto"))
+    assert generation_kwargs(ep) == {"max_new_tokens": 16, "do_sample": False, "batch_size": None}
+    sampled = ep.model_copy(update={"do_sample": True, "batch_size": 8})
     assert generation_kwargs(sampled) == {"max_new_tokens": 16, "do_sample": True, "temperature": 0.7,
-                                          "top_p": 0.9}
+                                          "top_p": 0.9, "batch_size": 8}
 
 
 def test_prompt_ids_are_the_tokens_before_the_completion():
     rows = [{"uid": f"U{i:03d}", "input_ids": [1, 10 + i, 2], "completion_mask": [0, 0, 1]} for i in range(2)]
     assert prompt_ids(Dataset.from_list(rows)) == [[1, 10], [1, 11]]
+
+
+@pytest.mark.slow
+def test_engine_equals_the_evaluate_path_before_it_on_every_test_prompt(pipeline_repo):
+    """Issue #20's parity: on the sample's whole test split, base and tuned, the engine's greedy
+    answers are those of the path evaluate used before it (transformers' generate on batches of
+    64 left-padded prompts, sorted by length)."""
+    from titletune.modeling import load_formatted
+    model_params = load_params("model").model_copy(update={"name": str(pipeline_repo / "models/tiny-llama")})
+    model, tok = load_for_generation(model_params, pipeline_repo / "models/adapter", merge=False)
+    prompts = prompt_ids(load_formatted(pipeline_repo / "data/formatted")["test"])
+    eos_ids = eos_token_ids(model, tok)
+    for adapter_on in (False, True):
+        with (model.disable_adapter() if not adapter_on else torch.inference_mode()):
+            order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+            before = [None] * len(prompts)
+            for start in range(0, len(order), 64):
+                batch = order[start:start + 64]
+                ids, att = pad_batch([prompts[i] for i in batch], tok.pad_token_id, side="left")
+                with torch.inference_mode():
+                    y = model.generate(input_ids=ids, attention_mask=att, max_new_tokens=64, do_sample=False,
+                                       pad_token_id=tok.pad_token_id, eos_token_id=sorted(eos_ids))
+                for row, i in enumerate(batch):
+                    before[i] = until_eos(y[row, ids.shape[1]:].tolist(), eos_ids)
+            engine = generate(model, prompts, pad_token_id=tok.pad_token_id, max_new_tokens=64, eos_ids=eos_ids,
+                              progress=False)
+            assert [until_eos(a, eos_ids) for a in engine] == before, f"adapter on: {adapter_on}"

@@ -24,7 +24,7 @@ ep = load_params("evaluate")
 model = AutoModelForCausalLM.from_pretrained("models/merged").eval()
 tok = AutoTokenizer.from_pretrained("models/merged")
 examples = select_examples(load_formatted("data/formatted")["test"], ep.max_samples)
-ids = generate(model, prompt_ids(examples), pad_token_id=tok.pad_token_id, batch_size=ep.batch_size,
+ids = generate(model, prompt_ids(examples), pad_token_id=tok.pad_token_id,
                **generation_kwargs(ep))
 assert not any(m.startswith(("unsloth", "peft")) for m in sys.modules)
 print(json.dumps({"dtype": str(model.dtype), "answers": [

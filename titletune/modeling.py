@@ -59,12 +59,14 @@ def load_tokenizer(model):
 
 
 def compute_dtype():
-    """The dtype models load and compute in: float32 on every CPU; on a GPU None, Unsloth's auto
-    (bfloat16 where the GPU supports it, else float16). Unsloth's auto on CPU would be bfloat16 on
+    """The dtype models load and compute in: float32 on every CPU; on a GPU what Unsloth's auto
+    picks (bfloat16 where the GPU supports it, else float16). Unsloth's auto on CPU would be bfloat16 on
     CPUs that have it (AVX512-BF16, AMX) and float32 elsewhere: the same params would train,
     evaluate and export differently from one CPU type to another."""
     import torch
-    return None if torch.cuda.is_available() else torch.float32
+    if not torch.cuda.is_available():
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
 def load_model(model, max_seq_length: int, device_map=None):
@@ -88,9 +90,14 @@ def load_model(model, max_seq_length: int, device_map=None):
         use_safetensors=True,
         **extra,
     )
+    return loaded, ensure_pad_token(tokenizer)
+
+
+def ensure_pad_token(tokenizer):
+    """Batches need a pad token: the EOS where the tokenizer has none (padding is masked out)."""
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return loaded, tokenizer
+    return tokenizer
 
 
 def load_tuned_model(model, max_seq_length: int, adapter_dir: Path | str):

@@ -182,7 +182,9 @@ class Train(Section):
 
 class Evaluate(Section):
     max_samples: Count  # 0 = all
-    batch_size: Size
+    # The generation engine's slots (sequences decoded together); auto: as many as fit in 60 % of
+    # free GPU memory (up to 512), 64 on a CPU.
+    batch_size: Annotated[Union[Literal["auto"], Annotated[int, Field(ge=1)]], Allowed("auto or a whole number >= 1")]
     max_new_tokens: Size
     do_sample: Flag
     temperature: Positive
@@ -191,6 +193,10 @@ class Evaluate(Section):
     # MLflow model registry: each evaluated adapter is a version of this registered model; "" = none.
     registered_model: Annotated[str, Field(pattern=r"^([A-Za-z0-9][A-Za-z0-9._-]*)?$"),
                                 Allowed("a name of letters, digits, '.', '_' and '-', or empty (no registry)")]
+
+    def slots(self) -> int | None:
+        """batch_size as the engine takes it: None (auto) lets it size itself."""
+        return None if self.batch_size == "auto" else self.batch_size
 
 
 class Export(Section):

@@ -1,15 +1,41 @@
-"""Model passes over many prompts: batched generation with the KV cache, and teacher-forced
-scoring of the reference answers (evaluate, scripts/ask.py, benchmarks/generation_speed.py).
+"""The generation engine: every model pass over many prompts (evaluate, scripts/ask.py,
+scripts/predict.py, export's parity gate, benchmarks/generation_speed.py).
+
+Generation runs on a fixed set of `slots`, one sequence each, over a static KV cache:
+
+- A prompt is prefilled into a free slot (several at a time, left padded, by a token budget) and
+  its first token is taken from the prefill's last position.
+- Each decode step is one forward pass of one token for every slot: the new token's key and
+  value are written at that slot's own column, and a boolean mask lets each slot attend to its
+  own columns only. Slots are independent, so a slot whose answer ended (EOS or max_new_tokens)
+  is refilled with the next prompt while the others go on: no finished row keeps costing.
+- Every tensor of the step has a fixed shape, so on a GPU the step is captured once as a CUDA
+  graph and replayed: one launch per token instead of a few thousand kernel launches from Python.
+- Decode attention is grouped-query attention as two batched matmuls over the cache (no copy of
+  the key/value heads per query head); the prefill and scoring passes use PyTorch's SDPA.
+
+The number of slots is `batch_size`, or on a GPU as many as fit in free memory ("auto"). If the
+GPU runs out of memory, the engine halves its slots, says so once, and finishes.
+On a CPU the same code runs without graphs.
 """
 from __future__ import annotations
+
+import sys
+from collections import deque
+from pathlib import Path
 
 import torch
 from torch.nn.utils.rnn import pad_sequence
 from tqdm import tqdm
 
+from titletune.cli import UserError
 from titletune.generation.metrics import completion_nll
 
 SAMPLING_SEED = 0  # only matters with evaluate.do_sample: both models draw from the same seed
+ATTENTION = "titletune_decode"  # the attention implementation models are loaded with (registered below)
+CPU_SLOTS = 64          # slots on a CPU when batch_size is auto
+MAX_GPU_SLOTS = 512     # beyond this a decode step is compute-bound: more slots add latency, not speed
+PREFILL_TOKENS = 16384  # prompt tokens per prefill pass (padding included)
 
 
 def pad_batch(seqs: list[list[int]], pad_token_id: int, side: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -20,51 +46,339 @@ def pad_batch(seqs: list[list[int]], pad_token_id: int, side: str) -> tuple[torc
     return ids, attention
 
 
-def generate(model, prompts: list[list[int]], *, pad_token_id: int, batch_size: int,
-             desc: str = "generating", **generate_kwargs) -> list[list[int]]:
-    """The new token ids for each prompt (in prompt order), generated batch by batch.
+# --- attention ---------------------------------------------------------------------------------
 
-    LEFT padding makes every prompt of a batch end in the same column, so each step appends one
-    column for the whole batch and reuses the KV cache (one forward pass over one new token per
-    step, instead of a full re-run of the text per token and per prompt). Prompts are grouped by
-    length to keep padding small. The ids run to max_new_tokens: cut them with until_eos().
-    """
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    out: list[list[int]] = [[] for _ in prompts]
-    for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch"):
-        batch = order[start:start + batch_size]
-        ids, attention = pad_batch([prompts[i] for i in batch], pad_token_id, side="left")
-        with torch.inference_mode():
-            generated = model.generate(input_ids=ids.to(model.device),
-                                       attention_mask=attention.to(model.device),
-                                       pad_token_id=pad_token_id, use_cache=True, **generate_kwargs)
-        for row, i in enumerate(batch):
-            out[i] = generated[row, ids.shape[1]:].tolist()
-    return out
+def decode_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """One query token per slot against the whole static cache: grouped-query attention without
+    repeating the key/value heads. Anything else (prefill, scoring) goes to SDPA."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    if query.shape[2] != 1 or attention_mask is None or attention_mask.dtype != torch.bool:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, **kwargs)
+    batch, heads, _, dim = query.shape
+    kv_heads, length = key.shape[1], key.shape[2]
+    grouped = query.view(batch, kv_heads, heads // kv_heads, dim)
+    scores = torch.matmul(grouped, key.transpose(-1, -2)).float() * (scaling or dim ** -0.5)
+    scores = scores.masked_fill(~attention_mask.view(batch, 1, 1, length), float("-inf"))
+    out = torch.matmul(scores.softmax(-1).to(value.dtype), value)  # (batch, kv_heads, group, dim)
+    return out.reshape(batch, 1, heads, dim), None
 
+
+def _register_attention() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    AttentionInterface.register(ATTENTION, decode_attention)
+    AttentionMaskInterface.register(ATTENTION, sdpa_mask)
+
+
+def use_engine_attention(model) -> None:
+    """Switch a loaded model (e.g. export's merged model, reloaded with plain transformers) to the
+    engine's attention: the decode step's boolean mask means nothing to eager attention."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if base.config._attn_implementation != ATTENTION:
+        _register_attention()
+        base.set_attn_implementation(ATTENTION)
+
+
+# --- loading -----------------------------------------------------------------------------------
+
+def load_for_generation(model_params, adapter_dir: Path | str | None = None, merge: bool = True):
+    """(model, tokenizer) for generation and scoring: the base model, plus the trained adapter when
+    adapter_dir is given, through plain transformers + PEFT (Unsloth's inference patches keep a
+    growing cache of their own, which a static-shape step cannot use). Safetensors only; remote
+    code only when model.trust_remote_code says so; the dtype of training (modeling.compute_dtype).
+
+    merge: the adapter is merged into this working copy of the weights (W + BA), so that the tuned
+    model generates as fast as the base; merge=False keeps a PeftModel (export compares the merged
+    model against it; `disable_adapter()` then gives the base). A 4-bit base is never merged."""
+    from titletune.modeling import compute_dtype, ensure_pad_token, resolve_model_name
+    if adapter_dir is not None and not (Path(adapter_dir) / "adapter_config.json").is_file():
+        raise UserError(f"{adapter_dir}: no trained adapter here; run `dvc repro` first (the train stage writes it)")
+    if model_params.load_in_4bit and not torch.cuda.is_available():
+        raise UserError("model.load_in_4bit: 4-bit QLoRA needs a CUDA GPU; set it to false on CPU")
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+    _register_attention()
+    name, dtype = resolve_model_name(model_params.name), compute_dtype()
+    extra = {}
+    if model_params.load_in_4bit:  # as Unsloth loads it for QLoRA training
+        extra["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(
+        name, dtype=dtype, trust_remote_code=model_params.trust_remote_code, use_safetensors=True,
+        attn_implementation=ATTENTION, device_map={"": 0} if torch.cuda.is_available() else None, **extra)
+    tokenizer = ensure_pad_token(AutoTokenizer.from_pretrained(name, trust_remote_code=model_params.trust_remote_code))
+    if adapter_dir is not None:
+        from peft import PeftModel
+        model = PeftModel.from_pretrained(model, str(adapter_dir))
+        if merge and not model_params.load_in_4bit:
+            model = model.merge_and_unload()
+    return model.eval(), tokenizer
+
+
+# --- the engine --------------------------------------------------------------------------------
+
+class SlotCache:
+    """A static KV cache of `slots` rows x `length` columns per layer. `update` (called by each
+    attention layer during a decode step) writes the new key and value at each slot's own column."""
+
+    def __init__(self, config, slots: int, length: int, dtype, device):
+        config = config.get_text_config()
+        heads = config.num_key_value_heads
+        dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        shape = (slots, heads, length, dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+        self.rows = torch.arange(slots, device=device)
+        self.column = torch.zeros(slots, dtype=torch.long, device=device)  # where the next token goes
+
+    def update(self, key, value, layer_idx, cache_kwargs=None):
+        self.keys[layer_idx][self.rows, :, self.column] = key[:, :, 0]
+        self.values[layer_idx][self.rows, :, self.column] = value[:, :, 0]
+        return self.keys[layer_idx], self.values[layer_idx]
+
+    def fill(self, slots: torch.Tensor, prefill_cache) -> None:
+        """Copy a prefill pass's keys and values (columns 0..p-1) into these slots."""
+        for layer, (k, v) in enumerate(zip(self.keys, self.values)):
+            done = prefill_cache.layers[layer]
+            k[slots, :, :done.keys.shape[2]] = done.keys
+            v[slots, :, :done.values.shape[2]] = done.values
+
+    @staticmethod
+    def bytes_per_slot(config, length: int, dtype) -> int:
+        config = config.get_text_config()
+        dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        return 2 * config.num_hidden_layers * config.num_key_value_heads * dim * length * dtype.itemsize
+
+
+class Engine:
+    """The state of one generate() call: the slots, their cache and the (graphed) decode step."""
+
+    def __init__(self, model, slots: int, length: int, max_new_tokens: int, eos_ids: set[int], sample):
+        self.model, self.slots, self.length, self.max_new = model, slots, length, max_new_tokens
+        device, dtype = model.device, model.dtype
+        self.cache = SlotCache(model.config, slots, length, dtype, device)
+        self.columns = torch.arange(length, device=device)
+        self.start = torch.zeros(slots, dtype=torch.long, device=device)   # first real column (left padding)
+        self.tokens = torch.zeros(slots, dtype=torch.long, device=device)  # each slot's last token
+        self.count = torch.zeros(slots, dtype=torch.long, device=device)   # tokens generated so far
+        self.active = torch.zeros(slots, dtype=torch.bool, device=device)
+        self.out = torch.zeros(slots, max_new_tokens + 1, dtype=torch.long, device=device)  # last column: a sink
+        self.eos = torch.tensor(sorted(eos_ids) or [-1], device=device)
+        self.sample = sample  # None: greedy, inside the step; else a function of the logits
+        self.logits = None
+        self.graph = None
+
+    def step(self) -> None:
+        """One token for every slot (inactive slots compute too, and write only into their own row)."""
+        cache = self.cache
+        mask = (self.columns >= self.start[:, None]) & (self.columns <= cache.column[:, None])
+        logits = self.model(input_ids=self.tokens[:, None], attention_mask=mask[:, None, None, :],
+                            position_ids=(cache.column - self.start)[:, None], past_key_values=cache,
+                            use_cache=True).logits[:, -1]
+        if self.sample is None:
+            self.record(logits.argmax(-1))
+        else:
+            self.logits = logits
+
+    def record(self, new: torch.Tensor) -> None:
+        """Append the new tokens of the active slots; a slot that reached EOS or max_new_tokens ends."""
+        new = torch.where(self.active, new, self.tokens)
+        self.out[self.cache.rows, torch.where(self.active, self.count, self.max_new)] = new
+        self.tokens.copy_(new)
+        self.cache.column.add_(self.active.long())
+        self.count.add_(self.active.long())
+        ended = self.is_eos(new) | (self.count >= self.max_new)
+        self.active.logical_and_(~ended)
+
+    def is_eos(self, tokens: torch.Tensor) -> torch.Tensor:
+        """A comparison with every end-of-answer id (torch.isin may sort, and sync, on long lists)."""
+        return (tokens[:, None] == self.eos[None, :]).any(-1)
+
+    def capture(self) -> None:
+        """Record the decode step as a CUDA graph (after warm-up runs on a side stream)."""
+        if not self.model.device.type == "cuda" or self.sample is not None:
+            return
+        saved = [t.clone() for t in (self.tokens, self.count, self.active, self.cache.column, self.out)]
+        try:
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(2):
+                    self.step()
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self.step()
+            self.graph = graph
+        finally:
+            for t, s in zip((self.tokens, self.count, self.active, self.cache.column, self.out), saved):
+                t.copy_(s)  # the warm-up and capture ran the step: undo its writes
+
+    def decode(self) -> None:
+        if self.graph is not None:
+            self.graph.replay()
+            return
+        self.step()
+        if self.sample is not None:
+            self.record(self.sample(self.logits))
+
+    def prefill(self, prompts: list[list[int]], slots: list[int], pad_token_id: int) -> None:
+        """Run the prompts (left padded) through the model and start them in these slots."""
+        from transformers import DynamicCache
+        ids, attention = pad_batch(prompts, pad_token_id, side="left")
+        ids, attention = ids.to(self.model.device), attention.to(self.model.device)
+        positions = (attention.cumsum(-1) - 1).clamp(min=0)
+        prefill_cache = DynamicCache(config=self.model.config)
+        logits = self.model(input_ids=ids, attention_mask=attention, position_ids=positions,
+                            past_key_values=prefill_cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+        rows = torch.tensor(slots, device=self.model.device)
+        first = logits.argmax(-1) if self.sample is None else self.sample(logits)
+        self.cache.fill(rows, prefill_cache)
+        self.start[rows] = ids.shape[1] - attention.sum(-1)
+        self.cache.column[rows] = ids.shape[1]  # the first new token's key and value go here
+        self.tokens[rows] = first
+        self.out[rows, 0] = first
+        self.count[rows] = 1
+        self.active[rows] = ~(self.is_eos(first) | (self.max_new <= 1))
+
+
+def sampler(do_sample: bool, temperature: float, top_p: float):
+    """None for greedy decoding; else a function from logits to sampled token ids (transformers'
+    own temperature and top-p warpers, as generate() applies them)."""
+    if not do_sample:
+        return None
+    from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
+    warpers = ([TemperatureLogitsWarper(temperature)] if temperature != 1.0 else []) + \
+              ([TopPLogitsWarper(top_p)] if top_p < 1.0 else [])
+
+    def sample(logits):
+        scores = logits.float()
+        for warp in warpers:
+            scores = warp(None, scores)
+        return torch.multinomial(scores.softmax(-1), 1)[:, 0]
+    return sample
+
+
+def auto_slots(model, requested: int | None, length: int) -> int:
+    """Slots: as requested; or on a GPU as many as 60 % of its free memory holds (the rest: the
+    step's activations and prefill passes), up to MAX_GPU_SLOTS; CPU_SLOTS on a CPU."""
+    if requested:
+        return requested
+    if model.device.type != "cuda":
+        return CPU_SLOTS
+    free, _ = torch.cuda.mem_get_info(model.device)
+    per_slot = SlotCache.bytes_per_slot(model.config, length, model.dtype) + 4 * model.config.get_text_config().vocab_size
+    return max(1, min(MAX_GPU_SLOTS, int(0.6 * free) // per_slot))
+
+
+def generate(model, prompts: list[list[int]], *, pad_token_id: int, max_new_tokens: int,
+             eos_ids: set[int] | None = None, batch_size: int | None = None, do_sample: bool = False,
+             temperature: float = 1.0, top_p: float = 1.0, desc: str = "generating",
+             progress: bool = True, on_answer=None, on_token=None) -> list[list[int]]:
+    """The new token ids for each prompt, in prompt order: up to and including its first EOS
+    (eos_ids; None: the model's generation_config), at most max_new_tokens (cut with until_eos()).
+    on_answer(index, ids), if given, is called as each answer ends (predict streams with it);
+    on_token(index, id) as each token comes (scripts/ask.py prints the answer as it grows)."""
+    if not prompts:
+        return []
+    if eos_ids is None:
+        eos_ids = eos_token_ids(model, None)
+    use_engine_attention(model)
+    length = max(map(len, prompts)) + max_new_tokens
+    slots = first_slots = auto_slots(model, batch_size, length)
+    results: list[list[int] | None] = [None] * len(prompts)
+    bar = tqdm(total=len(prompts), desc=desc, unit="prompt", disable=not progress)
+    with torch.inference_mode():
+        while True:
+            try:
+                _run(model, prompts, results, slots, length, max_new_tokens, eos_ids,
+                     sampler(do_sample, temperature, top_p), pad_token_id, bar, on_answer, on_token)
+                break
+            except torch.OutOfMemoryError:
+                if slots == 1:
+                    raise
+                slots //= 2  # answers already finished are kept; the others start again
+                torch.cuda.empty_cache()
+    if slots < first_slots:
+        tqdm.write(f"{desc}: GPU out of memory with {first_slots} slots; finished with {slots} "
+                   f"(evaluate.batch_size: {slots} skips the retries)", file=sys.stderr)
+    bar.close()
+    return results
+
+
+def _run(model, prompts, results, slots, length, max_new_tokens, eos_ids, sample, pad_token_id, bar, on_answer,
+         on_token):
+    """Fill slots with the prompts not answered yet, longest first, until every prompt has its answer."""
+    pending = deque(sorted((i for i, r in enumerate(results) if r is None), key=lambda i: -len(prompts[i])))
+    engine = Engine(model, slots, length, max_new_tokens, eos_ids, sample)
+    try:
+        engine.capture()
+    except torch.OutOfMemoryError:
+        raise
+    except RuntimeError as err:  # a model whose forward cannot be captured still generates, eagerly
+        engine.graph = None
+        tqdm.write(f"generation: the decode step runs without a CUDA graph ({str(err).splitlines()[0][:200]})",
+                   file=sys.stderr)
+    owner = [-1] * slots  # the prompt each slot is answering
+    shown = [0] * slots   # tokens of its answer passed to on_token
+    refill_at = max(1, slots // 8)  # refill when this many slots are free (or none is busy)
+    while pending or any(o >= 0 for o in owner):
+        free = [s for s in range(slots) if owner[s] < 0]
+        if pending and (len(free) >= refill_at or len(free) == slots):
+            while free and pending:
+                width = len(prompts[pending[0]])  # the longest waiting prompt sets the padded width
+                take = [pending.popleft() for _ in range(min(len(free), len(pending), max(1, PREFILL_TOKENS // width)))]
+                into, free = free[:len(take)], free[len(take):]
+                engine.prefill([prompts[i] for i in take], into, pad_token_id)
+                for s, i in zip(into, take):
+                    owner[s], shown[s] = i, 0
+        else:
+            engine.decode()
+        active = engine.active.tolist()  # the one sync a step
+        if on_token is not None:
+            counts, tokens = engine.count.tolist(), engine.tokens.tolist()
+            for s in range(slots):
+                if owner[s] >= 0 and counts[s] > shown[s]:
+                    shown[s] = counts[s]
+                    on_token(owner[s], tokens[s])
+        ended = [s for s in range(slots) if owner[s] >= 0 and not active[s]]
+        if ended:
+            counts, out = engine.count.tolist(), engine.out
+            for s in ended:
+                i, owner[s] = owner[s], -1
+                results[i] = out[s, :counts[s]].tolist()
+                if on_answer is not None:
+                    on_answer(i, results[i])
+            bar.update(len(ended))
+
+
+# --- helpers shared by the stages --------------------------------------------------------------
 
 def eos_token_ids(model, tokenizer) -> set[int]:
     """Every token that ends an answer: the tokenizer's EOS (training completions end on it) and
     the generation config's (an int, a list such as Llama 3 instruct's, or None)."""
     gen_eos = model.generation_config.eos_token_id
-    return {tokenizer.eos_token_id, *(gen_eos if isinstance(gen_eos, list) else [gen_eos])} - {None}
+    tokenizer_eos = tokenizer.eos_token_id if tokenizer is not None else None
+    return {tokenizer_eos, *(gen_eos if isinstance(gen_eos, list) else [gen_eos])} - {None}
 
 
 def until_eos(ids: list[int], eos_ids: set[int]) -> list[int]:
-    """The answer's tokens: up to the first end-of-sequence (after it, generate() pads)."""
+    """The answer's tokens: up to the first end-of-sequence."""
     for pos, token in enumerate(ids):
         if token in eos_ids:
             return ids[:pos]
     return ids
 
 
-def reference_nll(model, examples, *, pad_token_id: int, batch_size: int,
+def reference_nll(model, examples, *, pad_token_id: int, batch_size: int | None = None,
                   desc: str = "scoring", progress: bool = True) -> tuple[float, int]:
     """Summed NLL of the reference completions (as formatted for training) and their token count.
 
     Right padding: under causal attention no real token sees the padding after it.
+    batch_size None (evaluate.batch_size auto): CPU_SLOTS examples a pass.
     """
-    total, count = 0.0, 0
+    total, count, batch_size = 0.0, 0, batch_size or CPU_SLOTS
     for start in tqdm(range(0, len(examples), batch_size), desc=desc, unit="batch", disable=not progress):
         rows = examples[start:start + batch_size]
         ids, attention = pad_batch(rows["input_ids"], pad_token_id, side="right")
@@ -78,8 +392,8 @@ def reference_nll(model, examples, *, pad_token_id: int, batch_size: int,
 
 
 def generation_kwargs(ep) -> dict:
-    """model.generate arguments from params' evaluate section (also used by scripts/ask.py)."""
-    kwargs = {"max_new_tokens": ep.max_new_tokens, "do_sample": ep.do_sample}
+    """generate() arguments from params' evaluate section (evaluate, ask, predict)."""
+    kwargs = {"max_new_tokens": ep.max_new_tokens, "do_sample": ep.do_sample, "batch_size": ep.slots()}
     if ep.do_sample:
         kwargs.update(temperature=ep.temperature, top_p=ep.top_p)
     return kwargs
@@ -88,4 +402,3 @@ def generation_kwargs(ep) -> dict:
 def prompt_ids(examples) -> list[list[int]]:
     """Each example's prompt tokens exactly as training saw them: input_ids before the completion."""
     return [ids[:mask.index(1)] for ids, mask in zip(examples["input_ids"], examples["completion_mask"])]
-

@@ -50,13 +50,13 @@ def load_test_examples(test_dir: Path, max_samples: int):
 def answer_and_score(model, tokenizer, examples, ep, name: str) -> tuple[dict, list[str]]:
     """One model's metrics (titletune.generation.metrics.score) and its answers, in example order:
     it scores the reference descriptions (teacher-forced NLL) and answers every test question."""
-    pad, bs = tokenizer.pad_token_id, ep.batch_size
+    pad, bs = tokenizer.pad_token_id, ep.slots()
+    eos_ids = eos_token_ids(model, tokenizer)
     nll_sum, n_tokens = reference_nll(model, examples, pad_token_id=pad, batch_size=bs,
                                       desc=f"{name}: scoring references")
     torch.manual_seed(SAMPLING_SEED)  # with do_sample, base and tuned draw from the same seed
-    new_ids = generate(model, prompt_ids(examples), pad_token_id=pad, batch_size=bs,
+    new_ids = generate(model, prompt_ids(examples), pad_token_id=pad, eos_ids=eos_ids,
                        desc=f"{name}: generating", **generation_kwargs(ep))
-    eos_ids = eos_token_ids(model, tokenizer)
     answer_ids = [until_eos(ids, eos_ids) for ids in new_ids]
     answers = [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in answer_ids]
     return score(answers, examples["content"], list(map(len, answer_ids)), nll_sum, n_tokens), answers

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Iterator
 
 from titletune.cli import Interrupted, UserError, atomic_path
-from titletune.launch import is_rank0, local_rank, world_size
+from titletune.launch import is_rank0, world_size
 from titletune.prompt import encode_prompts, pick_question
 
 FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".csv": "csv"}
@@ -264,8 +264,8 @@ def answer_chunk(model, tokenizer, rows: list[Row], number: int, fmt, ep, eos_id
     prompts = encode_prompts(tokenizer, questions_for(rows, fmt), fmt.style)
     # Seeded per chunk: a resumed or data-parallel run samples what a single uninterrupted one does.
     torch.manual_seed(SAMPLING_SEED + number)
-    new_ids = generate(model, prompts, pad_token_id=tokenizer.pad_token_id, batch_size=ep.batch_size,
-                       desc=f"chunk {number}", **generation_kwargs(ep))
+    new_ids = generate(model, prompts, pad_token_id=tokenizer.pad_token_id, eos_ids=eos_ids, progress=False,
+                       **generation_kwargs(ep))
     answers = [until_eos(ids, eos_ids) for ids in new_ids]
     return [{"uid": row.uid, "title": row.title,
              "answer": tokenizer.decode(ids, skip_special_tokens=True).strip(), "tokens": len(ids)}
@@ -336,40 +336,17 @@ def answer_all(model, tokenizer, input_path: Path, work: Path, total_rows: int, 
 
 # ---------------------------------------------------------------- the command
 
-def load_predictor(model_params, fmt, source: Path | None):
-    """(model, tokenizer) for generation: the base model (source None), base + the adapter in
-    `source` (a folder with adapter_config.json) or the full model in `source` (models/merged:
-    plain transformers, safetensors only). Under torchrun each rank uses its own GPU."""
-    from titletune.modeling import compute_dtype, load_model, load_tuned_model, unsloth
-
-    cuda_rank = local_rank() if world_size() > 1 and _cuda() else None
-    if source is not None and not (source / "adapter_config.json").is_file():
-        if not (source / "config.json").is_file():
-            raise UserError(f"{source}: neither a LoRA adapter (adapter_config.json) nor a model folder "
-                            "(config.json): pass models/adapter, models/merged or --base")
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-        model = AutoModelForCausalLM.from_pretrained(
-            source, dtype=compute_dtype() or "auto", use_safetensors=True,
-            trust_remote_code=model_params.trust_remote_code,
-            **({"device_map": {"": cuda_rank or 0}} if _cuda() else {}))
-        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=model_params.trust_remote_code)
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
-    else:
-        if source is None:
-            model, tokenizer = load_model(model_params, fmt.max_length,
-                                          device_map={"": cuda_rank} if cuda_rank is not None else None)
-        else:
-            model, tokenizer = load_tuned_model(model_params, fmt.max_length, source)
-            if cuda_rank is not None:
-                model.to(f"cuda:{cuda_rank}")
-        unsloth().for_inference(model)  # Unsloth's fast generation on GPU; no training state
-    return model.eval(), tokenizer
-
-
-def _cuda() -> bool:
-    import torch
-    return torch.cuda.is_available()
+def load_predictor(model_params, source: Path | None):
+    """(model, tokenizer) for generation (titletune.generation.engine.load_for_generation): the
+    base model (source None), base + the adapter in `source` (a folder with adapter_config.json,
+    merged into a working copy) or the full model in `source` (models/merged)."""
+    from titletune.generation.engine import load_for_generation
+    if source is None or (source / "adapter_config.json").is_file():
+        return load_for_generation(model_params, source)
+    if not (source / "config.json").is_file():
+        raise UserError(f"{source}: neither a LoRA adapter (adapter_config.json) nor a model folder "
+                        "(config.json): pass models/adapter, models/merged or --base")
+    return load_for_generation(model_params.model_copy(update={"name": str(source)}))
 
 
 def check_input(input_path: Path, output: Path, source: Path | None, overwrite: bool) -> Scan:
@@ -403,7 +380,7 @@ def predict(input_path: Path, output: Path, source: Path | None, found: Scan, pa
     barrier()  # the work folder exists before any rank writes into it
 
     with contextlib.chdir(root):
-        model, tokenizer = load_predictor(model_params, fmt, source)
+        model, tokenizer = load_predictor(model_params, source)
     start = time.perf_counter()
     try:
         rows_done, tokens, parts = answer_all(model, tokenizer, input_path, work, found.rows, fmt, pp, ep)

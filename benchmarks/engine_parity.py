@@ -1,0 +1,132 @@
+"""Parity of the generation engine with the evaluate path before it, on a briefly trained model
+(GPU). Random-init models have near-tied next-token scores, so greedy answers are compared on a
+model trained a few hundred steps first.
+
+    python benchmarks/engine_parity.py --work /tmp/parity --out results.json     # on a GPU
+
+1. A random-init model of the Llama-3.2-1B shape (but the embedded tiny model's 2,048-token
+   vocabulary, so that the sample's data fits it) is written to WORK/base.
+2. The pipeline's stages run on it in a copy of this repository (decompress, preprocess,
+   tokenize-format, train with train.max_steps --steps and a 16,384-token budget a step).
+3. Both paths answer the whole test split with the tuned model (base + adapter), greedy, 64 new
+   tokens, each in a process of its own: `before` (Unsloth's for_inference + transformers'
+   generate on batches of 64, evaluate's path until the engine) and `engine`. The report: share of
+   identical answers, and evaluate's metrics from both paths.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+SHAPE_1B = dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
+                intermediate_size=8192, head_dim=64, tie_word_embeddings=True)
+
+
+def build(work: Path) -> None:
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    tiny = ROOT / "models/tiny-llama"
+    config = LlamaConfig.from_pretrained(tiny)
+    for key, value in SHAPE_1B.items():
+        setattr(config, key, value)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model.save_pretrained(work / "base")
+    AutoTokenizer.from_pretrained(tiny).save_pretrained(work / "base")
+    for extra in ("generation_config.json", "chat_template.jinja"):
+        if (tiny / extra).exists():
+            shutil.copy(tiny / extra, work / "base" / extra)
+
+
+def answers(path: str, repo: Path) -> dict:
+    """One path's answers and metrics for the whole test split (run in a process of its own)."""
+    os.chdir(repo)
+    import torch
+    from titletune.generation.engine import eos_token_ids, generate, prompt_ids, reference_nll, until_eos
+    from titletune.generation.metrics import score
+    from titletune.modeling import load_formatted
+    from titletune.params import load_params
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from generation_speed import before_generate, load
+    model_params = load_params("model")
+    model, tok = load(path, Path(model_params.name), repo / "models/adapter")
+    examples = load_formatted(repo / "data/formatted")["test"]
+    prompts, eos_ids = prompt_ids(examples), eos_token_ids(model, tok)
+    start = time.perf_counter()
+    if path == "before":
+        new = before_generate(model, prompts, pad_token_id=tok.pad_token_id, batch_size=64, eos_ids=eos_ids,
+                              max_new_tokens=64)
+    else:
+        new = generate(model, prompts, pad_token_id=tok.pad_token_id, max_new_tokens=64, eos_ids=eos_ids)
+    torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    ids = [until_eos(a, eos_ids) for a in new]
+    texts = [tok.decode(a, skip_special_tokens=True).strip() for a in ids]
+    nll, n = reference_nll(model, examples, pad_token_id=tok.pad_token_id, batch_size=64, progress=False)
+    return {"path": path, "ids": ids, "seconds": seconds,
+            "metrics": score(texts, examples["content"], list(map(len, ids)), nll, n)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--work", type=Path, default=Path("/tmp/titletune-parity"))
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--path", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    repo = args.work / "repo"
+    if args.path:
+        print(json.dumps(answers(args.path, repo)))
+        return
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(repo), os.environ.get("PYTHONPATH")]))}
+    args.work.mkdir(parents=True, exist_ok=True)
+    build(args.work)
+    shutil.copytree(ROOT, repo, ignore=shutil.ignore_patterns(".git", ".venv", "*.tgz", "mlruns", "mlflow.db",
+                                                              "interim", "processed", "formatted", "adapter", "merged"))
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["model"]["name"] = str(args.work / "base")
+    params["train"].update(max_steps=args.steps, tokens_per_step=16384, learning_rate=0.0005, eval_steps=100,
+                           save_steps=100, logging_steps=25)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    timings = {}
+    for cmd in (["decompress", "data/interim/trn.jsonl"],
+                ["preprocess", "data/interim/trn.jsonl", "data/processed", "metrics/data.json"],
+                ["tokenize_format", "data/processed", "data/formatted", "metrics/format.json"],
+                ["train", "data/formatted", "models/adapter", "metrics"]):
+        start = time.perf_counter()
+        subprocess.run([sys.executable, "-m", f"stages.{cmd[0]}", *cmd[1:]], cwd=repo, env=env, check=True)
+        timings[cmd[0]] = time.perf_counter() - start
+    paths = {}
+    for path in ("before", "engine"):
+        proc = subprocess.run([sys.executable, __file__, "--path", path, "--work", str(args.work), "--out", "-"],
+                              env=env, capture_output=True, text=True)
+        if proc.returncode:
+            sys.exit(f"{path} failed:\n{proc.stderr[-3000:]}")
+        paths[path] = json.loads(proc.stdout.strip().splitlines()[-1])
+    before, engine = paths["before"], paths["engine"]
+    same = sum(a == b for a, b in zip(before["ids"], engine["ids"]))
+    report = {"device": __import__("torch").cuda.get_device_name(0), "steps": args.steps,
+              "train": json.loads((repo / "metrics/train.json").read_text()), "stage_seconds": timings,
+              "prompts": len(before["ids"]), "identical_answers": same, "identical_share": same / len(before["ids"]),
+              "metrics_before": before["metrics"], "metrics_engine": engine["metrics"],
+              "relative_difference": {k: (engine["metrics"][k] - v) / v if v else 0.0
+                                      for k, v in before["metrics"].items() if isinstance(v, (int, float))},
+              "seconds": {"before": before["seconds"], "engine": engine["seconds"]},
+              "command": "python benchmarks/engine_parity.py " + " ".join(sys.argv[1:])}
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps({k: v for k, v in report.items() if k != "train"}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -35,6 +35,8 @@ from titletune.cli import Interrupted, UserError, atomic_path
 from titletune.launch import is_rank0, world_size
 from titletune.prompt import encode_prompts, pick_question
 
+# torch and the engine are imported where they are used: bad input is refused before they load.
+
 FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".csv": "csv"}
 SHOWN_BAD_LINES = 20     # malformed lines listed on stderr; all are counted
 MANIFEST = "manifest.json"

@@ -1,12 +1,14 @@
-"""Stage `evaluate`: does fine-tuning help? The base model against base + adapter, on the test split.
+"""Stage `evaluate`: does fine-tuning help? Base + adapter against the base model, on the test split.
 
-    python stages/evaluate.py data/formatted models/adapter metrics
+    python stages/evaluate.py data/formatted/test models/adapter metrics/eval_base.json \
+        metrics/eval_base_samples.jsonl metrics
 
-Reads params `model`, `format` and `evaluate`. Both models answer the same test questions
-(titletune.generation.engine: batched, left padding, KV cache; greedy unless evaluate.do_sample) and
-score the reference descriptions (teacher-forced NLL and perplexity of the completion tokens);
-titletune.generation.metrics scores them. Writes, in the metrics folder:
-    eval.json           {base: {...}, tuned: {...}, delta: tuned - base}   (DVC metrics)
+Reads params `model`, `format` and `evaluate`. The tuned model (base + adapter) answers the test
+questions and scores the reference descriptions (titletune.generation.evaluation, as evaluate-base
+does for the base model); the base model's results come from the stage evaluate-base (its
+eval_base.json and eval_base_samples.jsonl, checked to be for the same settings and examples), so
+a training change regenerates the tuned answers only. Writes, in the metrics folder:
+    eval.json           {samples, base: {...}, tuned: {...}, delta: tuned - base}   (DVC metrics)
     eval_samples.jsonl  title, question, reference and both answers, one test example a line
     eval_compare.png    base vs tuned, one pair of bars per metric
 and logs them, with the evaluate params, to the training run in MLflow (its id is in
@@ -18,57 +20,25 @@ model `evaluate.registered_model`, tagged with these metrics, the data md5 and t
 """
 from __future__ import annotations
 
-from titletune.cli import UserError, atomic_path, command_line, new_figure, run_main, write_json, write_png
+from titletune.cli import UserError, command_line, new_figure, run_main, write_json, write_png
 
-ARGUMENTS = "DATA_DIR ADAPTER_DIR METRICS_DIR"
+ARGUMENTS = "TEST_DIR ADAPTER_DIR BASE_METRICS BASE_SAMPLES METRICS_DIR"
 if __name__ == "__main__":  # before the imports below: a wrong command line is told at once
     command_line(ARGUMENTS)
 
-import contextlib
-import json
 from pathlib import Path
 
-import torch
-
-from titletune.generation.engine import (SAMPLING_SEED, eos_token_ids, generate, generation_kwargs,
-                                         load_for_generation, prompt_ids, reference_nll, until_eos)
-from titletune.generation.metrics import delta, score
-from titletune.modeling import check_answer_room, load_formatted
+from titletune.generation.engine import load_for_generation, prompt_ids
+from titletune.generation.evaluation import (answer_and_score, base_settings, load_test_examples, read_base,
+                                             write_samples)
+from titletune.generation.metrics import delta
+from titletune.modeling import check_answer_room
 from titletune.params import read_params
-from titletune.splits import select_examples
 from titletune.tracking import check_store, log_evaluation, register_evaluation
 
 PLOTTED = [("perplexity", "perplexity (lower is better)"), ("rougeL", "ROUGE-L F1"),
            ("bleu", "BLEU"), ("chrf", "chrF"), ("degenerate_rate", "degenerate answers (share)"),
            ("mean_output_tokens", "answer length (tokens)")]
-
-
-def answer_and_score(model, tokenizer, examples, ep) -> tuple[dict, dict]:
-    """({base, tuned}: metrics, {base, tuned}: answers). The base model is the same weights with
-    the adapter switched off."""
-    pad, bs = tokenizer.pad_token_id, ep.slots()
-    eos_ids = eos_token_ids(model, tokenizer)
-    prompts = prompt_ids(examples)
-    results, answers = {}, {}
-    for name in ("base", "tuned"):
-        with model.disable_adapter() if name == "base" else contextlib.nullcontext():
-            nll_sum, n_tokens = reference_nll(model, examples, pad_token_id=pad, batch_size=bs,
-                                              desc=f"{name}: scoring references")
-            torch.manual_seed(SAMPLING_SEED)
-            new_ids = generate(model, prompts, pad_token_id=pad, eos_ids=eos_ids,
-                               desc=f"{name}: generating", **generation_kwargs(ep))
-        answer_ids = [until_eos(ids, eos_ids) for ids in new_ids]
-        answers[name] = [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in answer_ids]
-        results[name] = score(answers[name], examples["content"], list(map(len, answer_ids)), nll_sum, n_tokens)
-    return results, answers
-
-
-def write_samples(path: Path, examples, answers: dict) -> None:
-    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
-        for i, ex in enumerate(examples):
-            f.write(json.dumps({"uid": ex["uid"], "title": ex["title"], "question": ex["question"],
-                                "reference": ex["content"], "base": answers["base"][i],
-                                "tuned": answers["tuned"][i]}, ensure_ascii=False) + "\n")
 
 
 def plot_comparison(results: dict, n: int, path: Path) -> None:
@@ -85,18 +55,18 @@ def plot_comparison(results: dict, n: int, path: Path) -> None:
 
 
 def main() -> None:
-    data_dir, adapter_dir, metrics_dir = command_line(ARGUMENTS)
+    test_dir, adapter_dir, base_metrics, base_samples, metrics_dir = command_line(ARGUMENTS)
     params = read_params()
-    model_params, fmt, ep = params.model, params.format, params.evaluate
+    model_params, ep = params.model, params.evaluate
     check_store()  # before the model loads: an unusable MLflow store fails in seconds
-    examples = select_examples(load_formatted(data_dir)["test"], ep.max_samples)
-    if len(examples) == 0:
-        raise UserError(f"{data_dir}: the test split is empty; raise preprocess.test_fraction")
+    examples = load_test_examples(test_dir, ep.max_samples)
+    base, base_answers = read_base(base_metrics, base_samples, examples, base_settings(ep))
 
-    model, tokenizer = load_for_generation(model_params, adapter_dir, merge=False)
+    model, tokenizer = load_for_generation(model_params, adapter_dir)  # the adapter merged into a working copy
     check_answer_room(model, max(map(len, prompt_ids(examples))), ep.max_new_tokens, "evaluate.max_new_tokens",
                       model_params.name)
-    results, answers = answer_and_score(model, tokenizer, examples, ep)
+    tuned, tuned_answers = answer_and_score(model, tokenizer, examples, ep, "tuned")
+    results, answers = {"base": base, "tuned": tuned}, {"base": base_answers, "tuned": tuned_answers}
 
     report = {"samples": len(examples), **results, "delta": delta(results["base"], results["tuned"])}
     files = [metrics_dir / "eval.json", metrics_dir / "eval_samples.jsonl", metrics_dir / "eval_compare.png"]

@@ -22,7 +22,6 @@ from titletune.training.sft import (Throughput, add_lora, check_names, eval_sets
                                     run_metrics, save_adapter, sft_config, timed_train, train_val_sets)
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -35,19 +34,11 @@ from titletune.tracking import check_store, ended_if_failed, finish_training_run
 from titletune.training.attention import install_varlen_compat
 from titletune.training.batching import resolve_tokens_per_step
 from titletune.training.early_stopping import early_stopping_callbacks, stopping_metrics
-from titletune.training.launch import is_rank0, launch_command, local_rank, resolve_gpus, world_size
+from titletune.launch import is_rank0, local_rank, relaunch, resolve_gpus, world_size
 from titletune.training.loss_log import step_rows, write_step_log
 from titletune.training.profiling import profile_callbacks
 from titletune.training.resuming import (checkpoint_dir, clear_checkpoints, last_checkpoint_step, resume_decision,
                                          run_fingerprint)
-
-
-def relaunch(n_gpus: int) -> None:
-    """Run this stage again under torchrun on n_gpus, as the same script or module."""
-    this = ["-m", __spec__.name] if __spec__ else [str(Path(__file__).resolve())]
-    cmd = launch_command(n_gpus, [*this, *sys.argv[1:]])
-    print(f"train: launching on {n_gpus} GPUs: {' '.join(cmd)}", flush=True)
-    sys.exit(subprocess.run(cmd).returncode)
 
 
 def interrupted_at(fingerprint: str, step: int, save_steps: int) -> str:
@@ -101,7 +92,8 @@ def main() -> None:
         check_store()  # before a model loads: an unusable MLflow store fails in seconds
     n_gpus = resolve_gpus(params.train.gpus)
     if n_gpus > 1 and "WORLD_SIZE" not in os.environ:
-        relaunch(n_gpus)
+        relaunch(n_gpus, [*(["-m", __spec__.name] if __spec__ else [str(Path(__file__).resolve())]), *sys.argv[1:]],
+                 "train")
     tp = resolve_tokens_per_step(params.train, fmt.max_length, on_gpu=torch.cuda.is_available())
     trainer, throughput, fingerprint, device = build_trainer(data_dir, model_params, fmt, tp)
     resume = resume_decision(fingerprint, world_size())

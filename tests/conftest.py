@@ -59,7 +59,8 @@ def model_runs(pipeline_repo, tmp_path_factory) -> dict:
                                 stderr=subprocess.PIPE, text=True)
 
     procs = {
-        "gate": start([sys.executable, str(repo / "stages/evaluate.py"), str(repo / "data/formatted"), str(zero),
+        "gate": start([sys.executable, str(repo / "stages/evaluate.py"), str(repo / "data/formatted/test"), str(zero),
+                       str(repo / "metrics/eval_base.json"), str(repo / "metrics/eval_base_samples.jsonl"),
                        str(tmp / "gate")], tmp, MLFLOW_TRACKING_URI=f"sqlite:///{tmp / 'gate.db'}"),
         "ask": start([sys.executable, "scripts/ask.py", asked["question"]], repo),
     }

@@ -32,7 +32,7 @@ import pytest
 
 from titletune.testing import ENV, run, set_params
 
-SECTIONS = "data, preprocess, model, format, train, evaluate, export"
+SECTIONS = "data, preprocess, model, format, train, evaluate, export, predict"
 TRAIN = [sys.executable, "-m", "stages.train", "data/formatted", "models/adapter", "metrics"]
 
 

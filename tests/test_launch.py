@@ -1,4 +1,4 @@
-"""titletune/training/launch.py: the data-parallel relaunch under torchrun, and rank 0 as the only writer."""
+"""titletune/launch.py: the data-parallel relaunch under torchrun, and rank 0 as the only writer."""
 from __future__ import annotations
 
 import json
@@ -9,7 +9,7 @@ import pytest
 
 from titletune.params import load_params
 from titletune.testing import ENV, run, set_params
-from titletune.training.launch import is_rank0, launch_command, resolve_gpus, world_size
+from titletune.launch import is_rank0, launch_command, resolve_gpus, world_size
 
 
 def test_launch_command_is_torchrun_of_the_same_command(monkeypatch):

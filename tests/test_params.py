@@ -84,6 +84,8 @@ def test_the_committed_params_are_valid_and_typed():
     ("train", "gpus", "all", "must be auto or a whole number >= 0"),
     ("train", "tokens_per_step", "fast", "must be auto or a whole number >= 0"),
     ("train", "tokens_per_step", -1, "must be auto or a whole number >= 0"),
+    ("predict", "gpus", -1, "must be auto or a whole number >= 0"),
+    ("predict", "chunk_rows", 0, "must be a whole number >= 1"),
     # types: strict (no float for an int, no string or number for a bool)
     ("train", "per_device_train_batch_size", 8.5, "must be a whole number >= 1"),
     ("train", "learning_rate", "fast", "must be a number > 0"),
@@ -138,7 +140,7 @@ def test_gradient_checkpointing_values(tmp_path, value):
 def test_unknown_section_is_named_with_a_hint(tmp_path):
     path = params_file(tmp_path, lambda p: p.__setitem__("trian", p.pop("train")))
     assert error(path, "preprocess") == ("params.yaml: trian: unknown section (did you mean train?); "
-                                         "the sections are data, preprocess, model, format, train, evaluate, export")
+                                         "the sections are data, preprocess, model, format, train, evaluate, export, predict")
 
 
 def test_missing_section_and_missing_key(tmp_path):

@@ -105,7 +105,8 @@ def _overlap(paths: dict[str, Path]) -> str | None:
         for second, b in resolved.items():
             if first != second and a == b:
                 return f"{first} and {second} are the same path, {paths[first]}"
-            if first != second and b in a.parents:
+            # METRICS_DIR holds named files: the base model's results (an input of evaluate) live there too
+            if first != second and b in a.parents and second != "METRICS_DIR":
                 return f"{first} ({paths[first]}) is inside {second} ({paths[second]})"
     return None
 

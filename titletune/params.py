@@ -223,6 +223,12 @@ class Export(Section):
     register_merged: Flag  # log models/merged to MLflow with the adapter's registry version
 
 
+class Predict(Section):
+    # scripts/predict.py (not a pipeline stage): its share of work and of GPUs.
+    chunk_rows: Size  # rows per part file: the unit of resuming and of the data-parallel split
+    gpus: AutoOrCount  # auto: every visible GPU
+
+
 class Params(Section):
     data: Data
     preprocess: Preprocess
@@ -231,6 +237,7 @@ class Params(Section):
     train: Train
     evaluate: Evaluate
     export: Export
+    predict: Predict
 
 
 def load_params(*sections: str, path: Path | str = PARAMS_FILE):

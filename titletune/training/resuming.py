@@ -16,7 +16,7 @@ from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_callback import TrainerState
 from transformers.trainer_utils import get_last_checkpoint, sort_checkpoints
 
-from titletune.training.launch import is_rank0
+from titletune.launch import is_rank0
 
 # Trainer checkpoints of the run in progress, in a folder named after its fingerprint, outside
 # every DVC output: DVC never saves a stage with a `persist` output to its run-cache, and the

@@ -25,7 +25,7 @@ from titletune.params import Train
 from titletune.splits import select_examples
 from titletune.training.batching import batching_args, describe_batching, tokens_per_optimizer_step
 from titletune.training.early_stopping import early_stopping_args
-from titletune.training.launch import is_rank0
+from titletune.launch import is_rank0
 from titletune.training.profiling import Throughput, peak_memory_gb
 from titletune.training.resuming import LOSS_BEFORE, checkpoint_dir
 

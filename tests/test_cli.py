@@ -154,7 +154,9 @@ def test_command_line_fills_the_paths_and_an_optional_leading_one(monkeypatch):
 # Each stage with the paths dvc.yaml gives it, and the usage line it prints.
 STAGES = {"decompress": "[SOURCE] OUT", "preprocess": "IN_JSONL OUT_DIR METRICS_JSON",
           "tokenize_format": "IN_DIR OUT_DIR METRICS_JSON", "train": "DATA_DIR ADAPTER_DIR METRICS_DIR",
-          "evaluate": "DATA_DIR ADAPTER_DIR METRICS_DIR", "export": "DATA_DIR ADAPTER_DIR OUT_DIR REPORT_JSON"}
+          "evaluate_base": "TEST_DIR BASE_METRICS BASE_SAMPLES",
+          "evaluate": "TEST_DIR ADAPTER_DIR BASE_METRICS BASE_SAMPLES METRICS_DIR",
+          "export": "DATA_DIR ADAPTER_DIR OUT_DIR REPORT_JSON"}
 HEAVY = ("torch", "unsloth", "transformers", "datasets", "pyarrow", "mlflow", "numpy")
 
 

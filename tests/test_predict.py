@@ -106,7 +106,7 @@ def test_bad_input_is_one_line_and_nothing_is_written(tmp_path, name, content, m
     if content is not None:
         (tmp_path / name).write_bytes(content)
     out = tmp_path / "out.jsonl"
-    proc = run(predict_cmd(tmp_path / name, out), ROOT, check=False, env=env_for(ROOT))
+    proc = run(predict_cmd(tmp_path / name, out, "--base"), ROOT, check=False, env=env_for(ROOT))
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: {tmp_path / name}: ") and message in lines[0], lines
@@ -116,7 +116,7 @@ def test_bad_input_is_one_line_and_nothing_is_written(tmp_path, name, content, m
 def test_an_existing_output_is_not_overwritten(tmp_path):
     (tmp_path / "in.jsonl").write_text('{"title": "Drill"}\n')
     (tmp_path / "out.jsonl").write_text("mine\n")
-    proc = run(predict_cmd(tmp_path / "in.jsonl", tmp_path / "out.jsonl"), ROOT, check=False, env=env_for(ROOT))
+    proc = run(predict_cmd(tmp_path / "in.jsonl", tmp_path / "out.jsonl", "--base"), ROOT, check=False, env=env_for(ROOT))
     assert proc.returncode == 2 and proc.stderr.strip() == \
         f"error: {tmp_path / 'out.jsonl'}: exists; pass --overwrite to replace it"
     assert (tmp_path / "out.jsonl").read_text() == "mine\n"

@@ -135,7 +135,7 @@ def test_editing_the_prompt_module_reruns_tokenize_format_and_what_follows(pipel
 def test_editing_the_cleaning_module_reruns_preprocess_and_what_follows(pipeline_repo, tmp_path):
     repo = tmp_path / "repo"
     shutil.copytree(pipeline_repo, repo, symlinks=True)
-    cleaning = repo / "titletune" / "cleaning.py"
+    cleaning = repo / "titletune" / "data" / "cleaning.py"
     cleaning.write_text(cleaning.read_text() + "# a comment\n")
     assert changed_stages(repo) == {"preprocess"}
     assert downstream({"preprocess"}) == {"preprocess", "tokenize-format", "train", "evaluate-base", "evaluate",

@@ -64,10 +64,10 @@ def main() -> None:
                "hf_tok_s_one_prompt": hf_speed(model, tokenizer.pad_token_id, prompts, args.new, 1),
                "hf_tok_s_batched": hf_speed(model, tokenizer.pad_token_id, prompts, args.new, len(prompts))}
     with tempfile.TemporaryDirectory() as tmp:
-        seconds = gguf.convert(args.merged, Path(tmp), list(GGUF_TYPES))
+        converted = gguf.convert(args.merged, Path(tmp), list(GGUF_TYPES))
         for gguf_type in GGUF_TYPES:
             path = Path(tmp) / gguf.file_name(gguf_type)
-            results[gguf_type] = {"size_mb": gguf.size_mb(path), "convert_s": round(seconds[gguf_type], 2),
+            results[gguf_type] = {"size_mb": gguf.size_mb(path), **converted[gguf_type],
                                   "llama_cpp_tok_s_one_prompt": llama_cpp_speed(path, prompts, args.new)}
     print(json.dumps(results, indent=2))
 

@@ -41,7 +41,7 @@ UNK, BOS, EOS, PAD = "<unk>", "<s>", "</s>", "<pad>"
 ROLES = ["<|user|>", "<|assistant|>"]
 # Every printable ASCII character is a piece, even one the corpus lacks (the prompt's `#`):
 # otherwise it would be spelled in byte-fallback tokens.
-ASCII = "".join(map(chr, range(33, 127)))  # the space is ▁, always a piece
+ASCII = "".join(map(chr, range(33, 127)))  # the space is ▁, a piece of its own
 # A minimal chat template so that `format.style: chat` works on the tiny model as on an instruct model.
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{{ eos_token }}\n"
@@ -62,23 +62,26 @@ def corpus_documents(path: Path) -> list[str]:
 
 
 def build_tokenizer(docs: list[str], vocab_size: int, folder: Path) -> LlamaTokenizer:
-    """Train a SentencePiece BPE model with Llama 2's settings (byte fallback, no normalisation, a
-    dummy prefix space, digits split) into folder/tokenizer.model and load it as transformers'
+    """Train a SentencePiece BPE model (byte fallback, no normalisation, digits split, as Llama 2's;
+    no dummy prefix space, as Gemma's) into folder/tokenizer.model and load it as transformers'
     LlamaTokenizer (which converts it to a fast tokenizer; BOS added to every text, as Llama's).
+    Without the dummy prefix, a text encodes the same whole or in pieces around special tokens
+    (a chat template's), in transformers, SentencePiece and llama.cpp alike; with it, transformers
+    puts the prefix before the first piece only and llama.cpp before every one.
     One thread: the same pieces on every run."""
     model = io.BytesIO()
     sentencepiece.SentencePieceTrainer.train(
         sentence_iterator=iter(docs), model_writer=model, model_type="bpe", vocab_size=vocab_size,
         unk_id=0, bos_id=1, eos_id=2, pad_id=3, unk_piece=UNK, bos_piece=BOS, eos_piece=EOS, pad_piece=PAD,
         control_symbols=ROLES, required_chars=ASCII, byte_fallback=True, normalization_rule_name="identity",
-        remove_extra_whitespaces=False, add_dummy_prefix=True, split_digits=True,
+        remove_extra_whitespaces=False, add_dummy_prefix=False, split_digits=True,
         allow_whitespace_only_pieces=True, character_coverage=1.0, max_sentence_length=1 << 16,
         num_threads=1, minloglevel=2)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "tokenizer.model").write_bytes(model.getvalue())
     return LlamaTokenizer.from_pretrained(
-        folder, pad_token=PAD, add_bos_token=True, add_eos_token=False, chat_template=CHAT_TEMPLATE,
-        model_max_length=1024, padding_side="right")
+        folder, pad_token=PAD, add_bos_token=True, add_eos_token=False, add_prefix_space=False,
+        chat_template=CHAT_TEMPLATE, model_max_length=1024, padding_side="right")
 
 
 def build_model(tokenizer, hidden: int, layers: int, seed: int) -> LlamaForCausalLM:

@@ -62,7 +62,7 @@ def main() -> None:
     report, problems = {"llama_cpp_python": gguf.LLAMA_CPP_PYTHON, "samples": len(examples), "types": {}}, []
     with atomic_path(out_dir) as tmp:
         tmp.mkdir()
-        seconds = gguf.convert(merged_dir, tmp, export.gguf)
+        converted = gguf.convert(merged_dir, tmp, export.gguf)
         for gguf_type in export.gguf:
             path = tmp / gguf.file_name(gguf_type)
             llm = gguf.load(path, n_ctx)
@@ -73,9 +73,8 @@ def main() -> None:
             keys = (("gguf_q4_min_identical", "gguf_q4_max_nll_diff") if gguf_type in gguf.QUANTIZED
                     else ("gguf_min_identical", "gguf_max_nll_diff"))
             type_problems += gguf.gate_problems(result, getattr(export, keys[0]), getattr(export, keys[1]), keys)
-            report["types"][gguf_type] = {"file": path.name, "size_mb": gguf.size_mb(path),
-                                          "convert_s": round(seconds[gguf_type], 2), **metadata, **result,
-                                          "passed": not type_problems}
+            report["types"][gguf_type] = {"file": path.name, "size_mb": gguf.size_mb(path), **converted[gguf_type],
+                                          **metadata, **result, "passed": not type_problems}
             problems += [f"{gguf_type}: {p}" for p in type_problems]
         stops = [tokenizer.convert_ids_to_tokens(i) for i in sorted(eos_ids)]
         (tmp / "Modelfile").write_text(gguf.modelfile(gguf.file_name(export.gguf[0]), gguf.strip_bos(

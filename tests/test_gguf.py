@@ -28,13 +28,11 @@ STAGE = [sys.executable, "-m", "stages.gguf", "data/formatted", "models/adapter"
 def render_go_template(template: str, prompt: str) -> str:
     """The part of Go's text/template that Ollama's TEMPLATE uses here: text, {{ .Prompt }} and
     string actions {{ "..." }} (Go's escapes are JSON's for these)."""
-    def action(match: re.Match) -> str:
-        body = match.group(1).strip()
-        if body == ".Prompt":
-            return prompt
-        assert body.startswith('"'), f"not in the subset: {body}"
-        return json.loads(body)
-    return re.sub(r"\{\{(.*?)\}\}", action, template, flags=re.S)
+    action = re.compile(r'\{\{\s*(\.Prompt|"(?:[^"\\]|\\.)*")\s*\}\}', flags=re.S)
+    pieces = action.split(template)  # text, action, text, ...
+    assert not any("{{" in text for text in pieces[::2]), f"an action outside the subset: {template!r}"
+    return "".join(prompt if i % 2 and piece == ".Prompt" else json.loads(piece) if i % 2 else piece
+                   for i, piece in enumerate(pieces))
 
 
 def modelfile_parts(text: str) -> dict:

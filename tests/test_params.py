@@ -227,3 +227,13 @@ def test_sections_are_read_only(tmp_path):
 @pytest.mark.parametrize("name", ["titletune", "team.adapters-v2_1", ""])
 def test_registered_model_is_a_plain_name_or_empty(tmp_path, name):
     assert load_params("evaluate", path=with_value(tmp_path, "evaluate", "registered_model", name)).registered_model == name
+
+
+def test_gguf_types_are_the_known_ones_listed_once(tmp_path):
+    assert load_params("export", path=with_value(tmp_path, "export", "gguf", [])).gguf == []
+    assert load_params("export", path=with_value(tmp_path, "export", "gguf", ["q4_k_m", "f16"])).gguf == ["q4_k_m", "f16"]
+    assert error(with_value(tmp_path, "export", "gguf", ["q8_0", "q5_k_s"])) == (
+        'params.yaml: export.gguf[1]: "q5_k_s" is not allowed '
+        "(must be a list of GGUF types, each one of f16, bf16, q8_0, q4_k_m (or [] for none))")
+    assert error(with_value(tmp_path, "export", "gguf", ["q8_0", "q8_0"])) == (
+        'params.yaml: export.gguf: ["q8_0", "q8_0"] is not allowed (must not repeat an item)')

@@ -59,24 +59,27 @@ def converter() -> Path:
     return script
 
 
-def convert(merged_dir: Path, out_dir: Path, gguf_types: list[str]) -> dict[str, float]:
-    """Write out_dir/titletune-<type>.gguf for each type; the seconds each took. A q4_k_m file is
-    quantized from the f16 one (written for it and removed after, unless f16 is asked for)."""
+def convert(merged_dir: Path, out_dir: Path, gguf_types: list[str]) -> dict[str, dict]:
+    """Write out_dir/titletune-<type>.gguf for each type; per type, the seconds it took (and for a
+    quantized one, the tensors kept wider). A q4_k_m file is quantized from the f16 one (written
+    for it and removed after, unless f16 is asked for)."""
     script = converter()
-    seconds = {}
+    done = {}
     needed = list(dict.fromkeys([t for t in gguf_types if t in CONVERTER_TYPES]
                                 + ["f16" for t in gguf_types if t in QUANTIZED]))
     for gguf_type in tqdm(needed + [t for t in gguf_types if t in QUANTIZED], desc="gguf: converting", unit="file"):
         start = time.perf_counter()
         if gguf_type in CONVERTER_TYPES:
             run_converter(script, merged_dir, out_dir / file_name(gguf_type), gguf_type)
+            done[gguf_type] = {}
         else:
-            quantize(out_dir / file_name("f16"), out_dir / file_name(gguf_type), QUANTIZED[gguf_type])
-        seconds[gguf_type] = time.perf_counter() - start
+            fallback = quantize(out_dir / file_name("f16"), out_dir / file_name(gguf_type), QUANTIZED[gguf_type])
+            done[gguf_type] = {"tensors_kept_wider": fallback}
+        done[gguf_type]["convert_s"] = round(time.perf_counter() - start, 2)
     if "f16" not in gguf_types and "f16" in needed:
         (out_dir / file_name("f16")).unlink()
-        seconds.pop("f16")
-    return seconds
+        done.pop("f16")
+    return done
 
 
 def run_converter(script: Path, merged_dir: Path, out_file: Path, gguf_type: str) -> None:
@@ -105,17 +108,32 @@ def tokenizer_description(model_dir: Path) -> str:
         return "unreadable"
 
 
-def quantize(source: Path, out_file: Path, ftype: str) -> None:
-    """llama.cpp's quantizer (llama_model_quantize, what `llama-quantize` runs), every core."""
+def quantize(source: Path, out_file: Path, ftype: str) -> int:
+    """llama.cpp's quantizer (llama_model_quantize, what `llama-quantize` runs), every core; how
+    many tensors it kept at a wider type than asked (a K-quant needs rows of 256: the tiny model's
+    are 128 wide). Its per-tensor lines go to C's stderr: captured, not shown."""
     import ctypes
+    import tempfile
 
     import llama_cpp
-    logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)  # its per-tensor log
+    logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, ftype)
     params.nthread = os.cpu_count() or 1
-    if llama_cpp.llama_model_quantize(str(source).encode(), str(out_file).encode(), ctypes.byref(params)) != 0:
-        raise UserError(f"{source}: llama.cpp's quantizer failed to write {out_file.name}")
+    with tempfile.TemporaryFile("w+") as log:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        os.dup2(log.fileno(), 2)
+        try:
+            failed = llama_cpp.llama_model_quantize(str(source).encode(), str(out_file).encode(), ctypes.byref(params))
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        log.seek(0)
+        lines = log.read().splitlines()
+    if failed:
+        raise UserError(f"{source}: llama.cpp's quantizer failed to write {out_file.name}: {(lines or ['no output'])[-1]}")
+    return sum("falling back to" in line for line in lines)
 
 
 def load(path: Path, n_ctx: int):

@@ -7,13 +7,14 @@ the embedded sample (so no test description is seen) — and has never seen a qu
 prompt: fine-tuning teaches it to answer. Deterministic on a given machine and torch version
 (seeded init, data order and corpus); a few minutes on 2 cores.
 
-The tokenizer is built the way Llama 2's and Mistral's were: a SentencePiece BPE model
+The tokenizer is built the way Llama 2's, Mistral's and Gemma's were: a SentencePiece BPE model
 (tokenizer.model, byte fallback, no normalisation), here of 2,048 pieces, and transformers'
 conversion of it (tokenizer.json). llama.cpp's converter reads tokenizer.model, as for those
 models, so the tiny model goes through the same GGUF export as a real one (a byte-level BPE of
 our own, like GPT-2's, is refused: llama.cpp knows BPE pre-tokenizers only by the hash of a known
 model's output). Llama 3's own 128,256-token vocabulary would make the embedding 16 M
-parameters (64 MB) and each CPU training step several times slower.
+parameters (64 MB in float32, more than the model's whole budget in the repository) and each CPU
+training step several times slower (its logits alone: 128,256 per token).
 
     python scripts/make_tiny_model.py [--out models/tiny-llama] [--pretrain-steps 300]
 """

@@ -109,7 +109,7 @@ def test_the_adapter_is_a_registered_model_version_with_metrics_data_and_commit(
                                    "data_md5", "merged_model", "export_dtype", "export_passed",
                                    "export_token_mismatch", "export_nll_max_abs_diff",
                                    # the gguf stage's (tests/test_gguf.py)
-                                   "gguf", *(f"gguf_q8_0_{k}" for k in ("passed", "size_mb", "answers_identical",
+                                   "gguf", *(f"gguf_f16_{k}" for k in ("passed", "size_mb", "answers_identical",
                                                                          "nll_max_abs_diff"))}
 
     # models:/NAME/VERSION downloads the adapter folder, which PEFT loads onto the base model.

@@ -104,19 +104,19 @@ def test_the_pipeline_writes_a_gguf_that_llama_cpp_loads_and_that_passes_the_gat
     from transformers import AutoTokenizer
 
     repo = pipeline_repo
-    assert sorted(p.name for p in (repo / "models/gguf").iterdir()) == ["Modelfile", "titletune-q8_0.gguf"]
+    assert sorted(p.name for p in (repo / "models/gguf").iterdir()) == ["Modelfile", "titletune-f16.gguf"]
     report = json.loads((repo / "metrics/gguf.json").read_text())
-    q8 = report["types"]["q8_0"]
-    assert report["passed"] and q8["passed"] and report["samples"] == 8
-    assert q8["answers_identical"] >= 7 and q8["nll_max_abs_diff"] <= 0.05 and q8["answer_tokens"] > 0
-    assert q8["chat_template"] is True and q8["prompts_tokenized_alike"] == 8
-    assert q8["tokenizer"] == "llama" and q8["pre_tokenizer"] == "default"   # SentencePiece: no BPE pre-tokenizer
+    f16 = report["types"]["f16"]
+    assert report["passed"] and f16["passed"] and report["samples"] == 8
+    assert f16["answers_identical"] >= 7 and f16["nll_max_abs_diff"] <= 0.05 and f16["answer_tokens"] > 0
+    assert f16["chat_template"] is True and f16["prompts_tokenized_alike"] == 8
+    assert f16["tokenizer"] == "llama" and f16["pre_tokenizer"] == "default"   # SentencePiece: no BPE pre-tokenizer
     hf = AutoTokenizer.from_pretrained(repo / "models/merged")
-    assert q8["eog_ids"] == [hf.eos_token_id]
+    assert f16["eog_ids"] == [hf.eos_token_id]
 
-    llm = Llama(model_path=str(repo / "models/gguf/titletune-q8_0.gguf"), n_ctx=512, verbose=False)
+    llm = Llama(model_path=str(repo / "models/gguf/titletune-f16.gguf"), n_ctx=512, verbose=False)
     assert llm.metadata["tokenizer.chat_template"] == hf.chat_template
-    assert modelfile_parts((repo / "models/gguf/Modelfile").read_text())["from"] == "./titletune-q8_0.gguf"
+    assert modelfile_parts((repo / "models/gguf/Modelfile").read_text())["from"] == "./titletune-f16.gguf"
     # llama.cpp ends an answer on the EOS by itself (the stop tokens are in the file).
     prompt = build_prompt(hf, "What is Acme Kettle, 1.7 L?", "instruction")
     reasons = [llm.create_completion(prompt, max_tokens=128, temperature=0.8, seed=s)["choices"][0]["finish_reason"]
@@ -127,9 +127,9 @@ def test_the_pipeline_writes_a_gguf_that_llama_cpp_loads_and_that_passes_the_gat
     from mlflow import MlflowClient
     client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
     version = client.search_model_versions("name = 'titletune'")[0]
-    assert version.tags["gguf"].endswith("/gguf") and version.tags["gguf_q8_0_passed"] == "True"
+    assert version.tags["gguf"].endswith("/gguf") and version.tags["gguf_f16_passed"] == "True"
     assert {a.path for a in client.list_artifacts(version.run_id, "gguf")} == {"gguf/Modelfile",
-                                                                               "gguf/titletune-q8_0.gguf"}
+                                                                               "gguf/titletune-f16.gguf"}
 
 
 @pytest.mark.slow

@@ -58,7 +58,7 @@ def alive(port: int) -> bool:
 @pytest.fixture(scope="module")
 def server(pipeline_repo):
     port = free_port()
-    gguf = pipeline_repo / "models/gguf/titletune-q8_0.gguf"
+    gguf = pipeline_repo / "models/gguf/titletune-f16.gguf"
     proc = subprocess.Popen([sys.executable, "-m", "titletune.export.serve", "--gguf", str(gguf), "--host",
                              "127.0.0.1", "--port", str(port)], cwd=pipeline_repo, env=ENV,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

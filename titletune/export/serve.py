@@ -1,6 +1,6 @@
 """`make serve`: the tuned model's GGUF behind an OpenAI-compatible HTTP API, on this machine.
 
-    python -m titletune.export.serve [--gguf models/gguf/titletune-q8_0.gguf] [--host 127.0.0.1] [--port 8000]
+    python -m titletune.export.serve [--gguf models/gguf/titletune-f16.gguf] [--host 127.0.0.1] [--port 8000]
 
 llama-cpp-python's server (FastAPI + uvicorn: /v1/completions, /v1/chat/completions, /v1/models)
 runs the GGUF on CPU. Chat requests go through the chat template inside the file, which writes

@@ -61,7 +61,8 @@ def test_the_modelfile_template_writes_the_training_prompt_byte_for_byte(tokeniz
         rendered = render_go_template(parts["template"], question)
         # The BOS token is no text: llama.cpp and Ollama add it (the GGUF's add_bos_token), as training's tokenizer did.
         assert rendered == (prompt.removeprefix(tokenizer.bos_token) if style == "chat" else prompt)
-    assert parts["params"] == [["stop", '"</s>"'], ["temperature", "0"], ["top_p", "1"], ["num_predict", "64"]]
+    assert parts["params"] == [["stop", '"</s>"'], ["temperature", "0"], ["top_p", "1"], ["repeat_penalty", "1"],
+                               ["num_predict", "64"]]
 
 
 def test_template_text_that_looks_like_an_action_stays_text():
@@ -70,7 +71,7 @@ def test_template_text_that_looks_like_an_action_stays_text():
     sampled = modelfile("f.gguf", "a", "b", ["</s>", "<|eot_id|>"],
                         SimpleNamespace(do_sample=True, temperature=0.7, top_p=0.9, max_new_tokens=32))
     assert modelfile_parts(sampled)["params"] == [["stop", '"</s>"'], ["stop", '"<|eot_id|>"'], ["temperature", "0.7"],
-                                                  ["top_p", "0.9"], ["num_predict", "32"]]
+                                                  ["top_p", "0.9"], ["repeat_penalty", "1"], ["num_predict", "32"]]
 
 
 def test_the_gate_counts_identical_answers_and_nll():
@@ -156,4 +157,4 @@ def test_q4_k_m_has_its_own_tolerance_and_a_failing_gate_changes_nothing(pipelin
     assert "export.gguf_q4_max_nll_diff 0" in errors[0] and "models/gguf was not written" in errors[0]
     assert {d: tree_md5(repo / d) for d in before} == before
     assert json.loads((repo / "metrics/gguf.json").read_text())["passed"] is False
-    assert not [p for p in (repo / "models").iterdir() if p.name.startswith(".")]   # no temp folder left
+    assert not [p for p in (repo / "models").iterdir() if p.name.startswith(".gguf")]   # no temp folder left

@@ -227,12 +227,13 @@ def go_template_text(text: str) -> str:
 def modelfile(gguf_file: str, prefix: str, suffix: str, stops: list[str], evaluate) -> str:
     """An Ollama Modelfile: the GGUF, the training prompt around the user's message (Ollama adds the
     BOS itself, as the tokenizer did in training), a stop for every EOS, evaluate's settings
-    (greedy: temperature 0; num_predict: max_new_tokens)."""
+    (greedy: temperature 0; no repetition penalty; num_predict: max_new_tokens)."""
     lines = [f"FROM ./{gguf_file}",
              f'TEMPLATE """{go_template_text(prefix)}{{{{ .Prompt }}}}{go_template_text(suffix)}"""']
     lines += [f"PARAMETER stop {json.dumps(stop, ensure_ascii=False)}" for stop in stops]
     lines += [f"PARAMETER temperature {evaluate.temperature if evaluate.do_sample else 0:g}",
               f"PARAMETER top_p {evaluate.top_p:g}",
+              "PARAMETER repeat_penalty 1",  # none in evaluate (Ollama's default is 1.1)
               f"PARAMETER num_predict {evaluate.max_new_tokens}"]
     return "\n".join(lines) + "\n"
 

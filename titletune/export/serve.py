@@ -9,8 +9,10 @@ models/gguf's first type (params export.gguf, as the Modelfile's FROM), on 127.0
 machine can reach it unless --host says otherwise.
 
 RequestChecks answers 400 to what that server would accept and run: a chat with no messages, and
-max_tokens below 1 (it reads -1 and 0 as "until the context is full"); and 413 to a body over
-MAX_BODY. A prompt longer than the context gets the server's own 400.
+max_tokens below 1 (it reads -1 and 0 as "until the context is full"), and to a body that is not
+JSON (its error handler fails on it: 500); 413 to a body over MAX_BODY. A prompt longer than the
+context gets the server's own 400. The server's sampling defaults are llama-cpp-python's (e.g.
+repeat_penalty 1.1): send temperature 0 and repeat_penalty 1 for evaluate's greedy answers.
 """
 from __future__ import annotations
 
@@ -28,14 +30,14 @@ CHECKED = {"/v1/completions", "/v1/chat/completions"}
 
 
 def request_problem(path: str, body: bytes) -> str | None:
-    """Why a request to `path` is refused, or None (malformed JSON and wrong types are left to the
-    server's own validation: 422)."""
+    """Why a request to `path` is refused, or None (wrong types are left to the server's own
+    validation: 422; malformed JSON would make its error handler fail with a 500)."""
     try:
         request = json.loads(body)
     except ValueError:
-        return None
+        return "the request body is not valid JSON"
     if not isinstance(request, dict):
-        return None
+        return "the request body must be a JSON object"
     if path == "/v1/chat/completions" and request.get("messages") in ([], None):
         return "messages: at least one message is needed"
     max_tokens = request.get("max_tokens")

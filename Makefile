@@ -1,14 +1,24 @@
 # The two commands of the README:  `make repro` (set up + run the pipeline)  and  `make test`.
+# `make gguf` adds llama.cpp and writes the GGUF files; `make serve` serves them.
 PY      ?= python3.11
 VENV    := .venv
 BIN     := $(VENV)/bin
+HOST    ?= 127.0.0.1
+PORT    ?= 8000
+# llama.cpp through llama-cpp-python (pinned in pyproject's `gguf` extra): its sdist vendors llama.cpp,
+# whose converter (convert_hf_to_gguf.py, conversion/, gguf-py/) goes to $(LLAMA_CPP)
+# (titletune.export.gguf.TOOLS).
+LLAMA_CPP_PYTHON := 0.3.36
+SDISTS    := $(VENV)/share/sdists
+LLAMA_CPP := $(VENV)/share/llama.cpp
 export DVC_NO_ANALYTICS := 1
 export UNSLOTH_DISABLE_STATISTICS := 1
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: setup repro test test-fast clean-venv
+.PHONY: setup setup-gguf repro gguf serve test test-fast clean-venv
 
 setup: $(VENV)/.installed
+setup-gguf: $(VENV)/.gguf-installed
 
 # torch==2.13.0 is in pyproject's dependencies, so pip resolves it in the same command as
 # unsloth and takes the CPU build (a plain `pip install unsloth` pulls a 3 GB CUDA torch).
@@ -21,10 +31,30 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip uninstall -y -q torchvision || true
 	touch $@
 
-repro: setup
-	dvc repro
+# llama.cpp builds from source (no Linux wheels): ~4 min on 2 cores. GGML_NATIVE=OFF: a -march=native
+# build segfaults quantizing on AMX Xeons (llama.cpp #20824). The sdist is downloaded once: pip builds
+# from it (--find-links) and the converter is taken out of it.
+$(VENV)/.gguf-installed: $(VENV)/.installed
+	$(BIN)/pip download -q --no-deps --no-binary llama-cpp-python -d $(SDISTS) llama-cpp-python==$(LLAMA_CPP_PYTHON)
+	rm -rf $(LLAMA_CPP) && mkdir -p $(LLAMA_CPP)
+	tar -xzf $(SDISTS)/llama_cpp_python-$(LLAMA_CPP_PYTHON).tar.gz -C $(LLAMA_CPP) --strip-components=3 \
+	    $(addprefix llama_cpp_python-$(LLAMA_CPP_PYTHON)/vendor/llama.cpp/,LICENSE convert_hf_to_gguf.py conversion gguf-py models/ggml-vocab-llama-bpe.gguf)
+	CMAKE_ARGS="-DGGML_NATIVE=OFF" $(BIN)/pip install -q --find-links $(SDISTS) -e '.[dev,gguf]'
+	$(BIN)/pip uninstall -y -q torchvision || true
+	touch $@
 
-test: setup
+# The pipeline without the gguf stage (evaluate and export need every other stage), so that a fresh
+# machine needs no llama.cpp build; `make gguf` adds it.
+repro: setup
+	dvc repro evaluate export
+
+gguf: setup-gguf
+	dvc repro gguf
+
+serve: setup-gguf
+	$(BIN)/python -m titletune.export.serve --host $(HOST) --port $(PORT)
+
+test: setup setup-gguf
 	$(BIN)/python -m pytest -q -ra
 
 test-fast: setup

@@ -1,4 +1,4 @@
-"""Build the embedded tiny base model: a ~1 M-parameter Llama with a byte-level BPE tokenizer.
+"""Build the embedded tiny base model: a ~1 M-parameter Llama with a SentencePiece BPE tokenizer.
 
 It exists so that the whole pipeline runs offline on 2 CPU cores (CI, first try) through the
 same `from_pretrained(path)` code as a hub model. Like a real base model it is pretrained on
@@ -7,6 +7,15 @@ the embedded sample (so no test description is seen) — and has never seen a qu
 prompt: fine-tuning teaches it to answer. Deterministic on a given machine and torch version
 (seeded init, data order and corpus); a few minutes on 2 cores.
 
+The tokenizer is built the way Llama 2's, Mistral's and Gemma's were: a SentencePiece BPE model
+(tokenizer.model, byte fallback, no normalisation), here of 2,048 pieces, and transformers'
+conversion of it (tokenizer.json). llama.cpp's converter reads tokenizer.model, as for those
+models, so the tiny model goes through the same GGUF export as a real one (a byte-level BPE of
+our own, like GPT-2's, is refused: llama.cpp knows BPE pre-tokenizers only by the hash of a known
+model's output). Llama 3's own 128,256-token vocabulary would make the embedding 16 M
+parameters (64 MB in float32, more than the model's whole budget in the repository) and each CPU
+training step several times slower (its logits alone: 128,256 per token).
+
     python scripts/make_tiny_model.py [--out models/tiny-llama] [--pretrain-steps 300]
 """
 from __future__ import annotations
@@ -14,6 +23,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import html
+import io
 import json
 import math
 import shutil
@@ -22,12 +32,17 @@ import sys
 import tempfile
 from pathlib import Path
 
+import sentencepiece
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from tqdm import tqdm
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import LlamaConfig, LlamaForCausalLM, LlamaTokenizer
 
-BOS, EOS, PAD = "<s>", "</s>", "<pad>"
+UNK, BOS, EOS, PAD = "<unk>", "<s>", "</s>", "<pad>"
+# Role markers of CHAT_TEMPLATE: control pieces, like BOS and EOS (never the tokens of user text).
+ROLES = ["<|user|>", "<|assistant|>"]
+# Every printable ASCII character is a piece, even one the corpus lacks (the prompt's `#`):
+# otherwise it would be spelled in byte-fallback tokens.
+ASCII = "".join(map(chr, range(33, 127)))  # the space is ▁, a piece of its own
 # A minimal chat template so that `format.style: chat` works on the tiny model as on an instruct model.
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{{ eos_token }}\n"
@@ -47,19 +62,26 @@ def corpus_documents(path: Path) -> list[str]:
     return sorted(docs)
 
 
-def build_tokenizer(docs: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=[PAD, BOS, EOS, "<|user|>", "<|assistant|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(docs, trainer=trainer)
-    # Llama-style: every encoded text starts with BOS.
-    tok.post_processor = processors.TemplateProcessing(
-        single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, tok.token_to_id(BOS))])
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD,
+def build_tokenizer(docs: list[str], vocab_size: int, folder: Path) -> LlamaTokenizer:
+    """Train a SentencePiece BPE model (byte fallback, no normalisation, digits split, as Llama 2's;
+    no dummy prefix space, as Gemma's) into folder/tokenizer.model and load it as transformers'
+    LlamaTokenizer (which converts it to a fast tokenizer; BOS added to every text, as Llama's).
+    Without the dummy prefix, a text encodes the same whole or in pieces around special tokens
+    (a chat template's), in transformers, SentencePiece and llama.cpp alike; with it, transformers
+    puts the prefix before the first piece only and llama.cpp before every one.
+    One thread: the same pieces on every run."""
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(docs), model_writer=model, model_type="bpe", vocab_size=vocab_size,
+        unk_id=0, bos_id=1, eos_id=2, pad_id=3, unk_piece=UNK, bos_piece=BOS, eos_piece=EOS, pad_piece=PAD,
+        control_symbols=ROLES, required_chars=ASCII, byte_fallback=True, normalization_rule_name="identity",
+        remove_extra_whitespaces=False, add_dummy_prefix=False, split_digits=True,
+        allow_whitespace_only_pieces=True, character_coverage=1.0, max_sentence_length=1 << 16,
+        num_threads=1, minloglevel=2)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "tokenizer.model").write_bytes(model.getvalue())
+    return LlamaTokenizer.from_pretrained(
+        folder, pad_token=PAD, add_bos_token=True, add_eos_token=False, add_prefix_space=False,
         chat_template=CHAT_TEMPLATE, model_max_length=1024, padding_side="right")
 
 
@@ -118,13 +140,16 @@ def main() -> None:
         subprocess.run([sys.executable, str(Path(__file__).with_name("make_sample.py")), "--out", str(corpus),
                         "--records", str(args.corpus_records), "--seed", str(args.corpus_seed)], check=True)
         docs = corpus_documents(corpus)
-    tokenizer = build_tokenizer(docs, args.vocab_size)
-    model = build_model(tokenizer, args.hidden, args.layers, args.seed)
-    final_loss = pretrain(model, tokenizer, docs, args.pretrain_steps, args.seed)
-    if args.out.exists():
-        shutil.rmtree(args.out)
-    model.save_pretrained(args.out, safe_serialization=True)
-    tokenizer.save_pretrained(args.out)
+        tokenizer = build_tokenizer(docs, args.vocab_size, Path(tmp) / "tokenizer")
+        model = build_model(tokenizer, args.hidden, args.layers, args.seed)
+        final_loss = pretrain(model, tokenizer, docs, args.pretrain_steps, args.seed)
+        if args.out.exists():
+            shutil.rmtree(args.out)
+        model.save_pretrained(args.out, safe_serialization=True)
+        tokenizer.save_pretrained(args.out)
+        # transformers 5 writes tokenizer.json only; the SentencePiece model is kept beside it, as in
+        # Llama 2's folders (llama.cpp's converter reads it).
+        shutil.copy(Path(tmp) / "tokenizer" / "tokenizer.model", args.out / "tokenizer.model")
     n_params = sum(p.numel() for p in model.parameters())
     print(f"wrote {args.out}: {n_params / 1e6:.2f} M params, vocab {len(tokenizer)}, "
           f"{len(docs):,} pretraining documents, final pretraining loss {final_loss:.3f}")

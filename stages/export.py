@@ -4,9 +4,10 @@ after checking that it answers like base + adapter (the parity gate).
     python stages/export.py data/formatted models/adapter models/merged metrics/export.json
 
 Reads params `model`, `format` (max_length, style) and `export`; writes models/merged (safetensors,
-tokenizer, a chat template that writes the training prompt, generation_config.json whose EOS ends
-the answers: titletune.export.merge), which loads with `AutoModelForCausalLM.from_pretrained`, without
-PEFT or Unsloth, for serving or sharing, and metrics/export.json (the parity figures).
+tokenizer with its SentencePiece tokenizer.model where it has one, a chat template that writes the
+training prompt, generation_config.json whose EOS ends the answers: titletune.export.merge), which
+loads with `AutoModelForCausalLM.from_pretrained`, without PEFT or Unsloth, for serving or sharing
+(or the gguf stage's conversion), and metrics/export.json (the parity figures).
 
 `export.dtype: auto` keeps the dtype base + adapter computes in (titletune.modeling.compute_dtype:
 bf16 on GPUs that have it, else fp16; float32 on every CPU), so the merged model's greedy answers
@@ -34,25 +35,13 @@ if __name__ == "__main__":  # before the imports below: a wrong command line is 
 import gc
 from pathlib import Path
 
-from titletune.export.merge import compare, parity_problems, set_chat_template, set_generation_eos
-from titletune.generation.engine import (eos_token_ids, generate, load_for_generation, prompt_ids, reference_nll,
-                                         until_eos)
+from titletune.export.merge import (compare, parity_problems, parity_scores, save_tokenizer, set_chat_template,
+                                    set_generation_eos)
+from titletune.generation.engine import eos_token_ids, load_for_generation, prompt_ids
 from titletune.modeling import check_answer_room, load_formatted
 from titletune.params import read_params
 from titletune.splits import select_examples
 from titletune.tracking import check_store, log_export, register_export
-
-
-def parity_scores(model, tokenizer, examples, export, eos_ids: set[int], name: str) -> dict:
-    """Greedy answer ids (cut at EOS) and the mean NLL per reference token, per example."""
-    pad = tokenizer.pad_token_id
-    new_ids = generate(model, prompt_ids(examples), pad_token_id=pad, eos_ids=eos_ids, batch_size=len(examples),
-                       desc=f"{name}: generating", max_new_tokens=export.parity_max_new_tokens)
-    nll = []
-    for i in range(len(examples)):  # one example at a time: its own mean
-        total, n = reference_nll(model, examples.select([i]), pad_token_id=pad, batch_size=1, progress=False)
-        nll.append(total / n)
-    return {"answers": [until_eos(ids, eos_ids) for ids in new_ids], "nll": nll}
 
 
 def load_base_and_adapter(model_params, adapter_dir: Path):
@@ -133,7 +122,7 @@ def main() -> None:
               "gate": examples is not None}
     with atomic_path(out_dir) as tmp:
         merged.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
+        save_tokenizer(tokenizer, tmp)
         del merged, model
         gc.collect()
         problems = []

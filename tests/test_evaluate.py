@@ -102,12 +102,15 @@ def test_the_adapter_is_a_registered_model_version_with_metrics_data_and_commit(
     # export attached the merged model and its parity figures to the same version
     assert tags["merged_model"].endswith("/merged") and tags["export_passed"] == "True"
     assert tags["export_dtype"] == "float32" and float(tags["export_token_mismatch"]) == 0
-    assert {a.path for a in client.list_artifacts(run_id)} >= {"adapter", "eval", "merged"}
+    assert {a.path for a in client.list_artifacts(run_id)} >= {"adapter", "eval", "merged", "gguf"}
     # Nothing else, and so no secret: every tag is one of these.
     metrics = {f"eval_{m}_{k}" for m in ("tuned", "delta") for k in report["tuned"]}
     assert set(tags) == metrics | {"eval_samples", "base_model", "adapter_md5", "training_run_id", "git_commit",
                                    "data_md5", "merged_model", "export_dtype", "export_passed",
-                                   "export_token_mismatch", "export_nll_max_abs_diff"}
+                                   "export_token_mismatch", "export_nll_max_abs_diff",
+                                   # the gguf stage's (tests/test_gguf.py)
+                                   "gguf", *(f"gguf_f16_{k}" for k in ("passed", "size_mb", "answers_identical",
+                                                                         "nll_max_abs_diff"))}
 
     # models:/NAME/VERSION downloads the adapter folder, which PEFT loads onto the base model.
     mlflow.set_tracking_uri(uri)          # the registry the models:/ URI is resolved in

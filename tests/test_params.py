@@ -292,3 +292,13 @@ def test_a_folder_or_a_binary_file_as_params_is_one_line(tmp_path):
         read_params(tmp_path / "binary.yaml")
     with pytest.raises(UserError, match=r"^.*: cannot be read \(Is a directory\)$"):
         read_params(tmp_path)
+
+
+def test_gguf_types_are_the_known_ones_listed_once(tmp_path):
+    assert load_params("export", path=with_value(tmp_path, "export", "gguf", [])).gguf == []
+    assert load_params("export", path=with_value(tmp_path, "export", "gguf", ["q4_k_m", "f16"])).gguf == ["q4_k_m", "f16"]
+    assert error(with_value(tmp_path, "export", "gguf", ["q8_0", "q5_k_s"])) == (
+        'params.yaml: export.gguf[1]: "q5_k_s" is not allowed '
+        "(must be a list of GGUF types, each one of f16, bf16, q8_0, q4_k_m (or [] for none))")
+    assert error(with_value(tmp_path, "export", "gguf", ["q8_0", "q8_0"])) == (
+        'params.yaml: export.gguf: ["q8_0", "q8_0"] is not allowed (must not repeat an item)')

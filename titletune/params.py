@@ -44,6 +44,10 @@ RENAMED = {"batch_size": "per_device_train_batch_size", "grad_accum": "gradient_
            "epochs": "num_train_epochs"}
 
 
+# The GGUF types the gguf stage writes: the converter's f16, bf16 and q8_0, and llama.cpp's 4-bit K-quant.
+GGUF_TYPES = ("f16", "bf16", "q8_0", "q4_k_m")
+
+
 class Allowed(str):
     """What a key accepts, in words: the end of its error message ("must be ...")."""
 
@@ -73,6 +77,12 @@ def _regex(pattern: str) -> str:
     except regex.error as err:
         raise ValueError(f"must be a valid regular expression: {err}") from None
     return pattern
+
+
+def _unique(items: list) -> list:
+    if len(set(items)) != len(items):
+        raise ValueError("must not repeat an item")
+    return items
 
 
 def _question(question: str) -> str:
@@ -221,6 +231,14 @@ class Export(Section):
     parity_max_token_mismatch: number("a number in [0, 1]", ge=0, le=1)
     parity_max_nll_diff: number("a number >= 0", ge=0)
     register_merged: Flag  # log models/merged to MLflow with the adapter's registry version
+    # GGUF files (stage gguf, titletune.export.gguf); [] = none. The first is the Modelfile's.
+    gguf: Annotated[list[Literal[GGUF_TYPES]], AfterValidator(_unique),
+                    Allowed(f"a list of GGUF types, each one of {', '.join(GGUF_TYPES)} (or [] for none)")]
+    gguf_min_identical: number("a number in [0, 1]", ge=0, le=1)  # share of identical greedy answers
+    gguf_max_nll_diff: number("a number >= 0", ge=0)
+    gguf_q4_min_identical: number("a number in [0, 1]", ge=0, le=1)  # the same for q4_k_m
+    gguf_q4_max_nll_diff: number("a number >= 0", ge=0)
+    register_gguf: Flag  # log models/gguf to MLflow with the adapter's registry version
 
 
 class Predict(Section):

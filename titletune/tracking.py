@@ -357,3 +357,18 @@ def register_export(name: str, adapter_dir: Path, merged_dir: Path, report: dict
     for key, value in tags.items():
         client.set_model_version_tag(name, version.version, key, value)
     return version
+
+
+def register_gguf(name: str, adapter_dir: Path, gguf_dir: Path, report: dict):
+    """gguf: the GGUF files and the Modelfile, logged next to the adapter (artifact `gguf` of the
+    version's run), and each type's gate result, as tags of the adapter's registry version."""
+    from mlflow import MlflowClient
+    version = adapter_version(name, adapter_dir)
+    client = MlflowClient()
+    client.log_artifacts(version.run_id, str(gguf_dir), "gguf")
+    tags = {"gguf": f"{client.get_run(version.run_id).info.artifact_uri}/gguf",
+            **{f"gguf_{t}_{k}": str(r[k]) for t, r in report["types"].items()
+               for k in ("passed", "size_mb", "answers_identical", "nll_max_abs_diff")}}
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version.version, key, value)
+    return version

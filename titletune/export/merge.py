@@ -9,13 +9,17 @@ model outside this pipeline, and the parity gate that checks it does.
 - generation_config.json: its eos_token_id includes the EOS every training completion ended with
   (the tokenizer's), and pad_token_id is set, so `generate()` stops on it without arguments.
 - Parity: greedy answers and per-token NLL of the merged model against base + adapter, computed
-  with titletune.generation.engine's own generate / reference_nll (scores) and compared here (pure).
+  with titletune.generation.engine's own generate / reference_nll (parity_scores) and compared
+  here (compare, pure). The GGUF export (titletune.export.gguf) scores models/merged the same way.
 """
 from __future__ import annotations
 
 import math
+import shutil
+from pathlib import Path
 
 from titletune.cli import UserError
+from titletune.generation.engine import generate, prompt_ids, reference_nll, until_eos
 
 
 def _jinja_string(text: str) -> str:
@@ -33,19 +37,32 @@ def _jinja_string(text: str) -> str:
     return '"' + "".join(out) + '"'
 
 
-def training_chat_template(tokenizer, examples) -> str:
-    """A chat template that renders one user message as the prompt the training examples were
-    formatted with (each example's `prompt` is its `question` inside that text; the BOS too where
-    their token ids start with it: apply_chat_template adds no special tokens itself), and an
-    assistant message as its text + EOS, like a training completion."""
+def prompt_pieces(examples, what: str = "a chat template for the merged model") -> tuple[str, str]:
+    """The training prompt's text before and after the question (each example's `prompt` is its
+    `question` inside one fixed text), checked on every example given."""
     first = examples[0]
     at = first["prompt"].find(first["question"])
     prefix, suffix = first["prompt"][:at], first["prompt"][at + len(first["question"]):]
     if at < 0 or any(prefix + ex["question"] + suffix != ex["prompt"] for ex in examples):
-        raise UserError("data/formatted: the prompts are not one text around the question; cannot write a "
-                        "chat template for the merged model")
-    bos = tokenizer.bos_token_id is not None and first["input_ids"][0] == tokenizer.bos_token_id \
+        raise UserError(f"data/formatted: the prompts are not one text around the question; cannot write {what}")
+    return prefix, suffix
+
+
+def adds_bos(tokenizer, examples) -> bool:
+    """Whether the training prompts' token ids start with a BOS that their text does not hold (the
+    tokenizer added it, as Llama's does): a template of the text alone must add it back."""
+    first = examples[0]
+    return tokenizer.bos_token_id is not None and first["input_ids"][0] == tokenizer.bos_token_id \
         and not first["prompt"].startswith(tokenizer.bos_token)
+
+
+def training_chat_template(tokenizer, examples) -> str:
+    """A chat template that renders one user message as the prompt the training examples were
+    formatted with (prompt_pieces; the BOS too where their token ids start with it:
+    apply_chat_template adds no special tokens itself), and an assistant message as its text +
+    EOS, like a training completion."""
+    prefix, suffix = prompt_pieces(examples)
+    bos = adds_bos(tokenizer, examples)
     return (("{{ bos_token }}" if bos else "") + "{% for message in messages %}"
             "{% if message['role'] == 'user' %}"
             f"{{{{ {_jinja_string(prefix)} }}}}{{{{ message['content'] }}}}{{{{ {_jinja_string(suffix)} }}}}"
@@ -57,6 +74,16 @@ def set_chat_template(tokenizer, style: str, examples) -> None:
     """The training prompt as the tokenizer's chat template (style instruction); chat: unchanged."""
     if style == "instruction":
         tokenizer.chat_template = training_chat_template(tokenizer, examples)
+
+
+def save_tokenizer(tokenizer, folder: Path) -> None:
+    """tokenizer.save_pretrained, plus the SentencePiece model the tokenizer was converted from
+    (Llama 2's, Mistral's, the tiny model's): transformers 5 writes tokenizer.json alone, and
+    llama.cpp's converter reads tokenizer.model for such a tokenizer (its merge scores)."""
+    tokenizer.save_pretrained(folder)
+    source = getattr(tokenizer, "vocab_file", None)
+    if isinstance(source, str) and source.endswith(".model") and Path(source).is_file():
+        shutil.copy(source, Path(folder) / "tokenizer.model")
 
 
 def set_generation_eos(generation_config, tokenizer) -> None:
@@ -73,6 +100,19 @@ def set_generation_eos(generation_config, tokenizer) -> None:
         generation_config.bos_token_id = tokenizer.bos_token_id
 
 
+def parity_scores(model, tokenizer, examples, export, eos_ids: set[int], name: str) -> dict:
+    """Greedy answer ids (cut at EOS) and the mean NLL per reference token, per example, of a
+    transformers model (export's params: parity_max_new_tokens)."""
+    pad = tokenizer.pad_token_id
+    new_ids = generate(model, prompt_ids(examples), pad_token_id=pad, eos_ids=eos_ids, batch_size=len(examples),
+                       desc=f"{name}: generating", max_new_tokens=export.parity_max_new_tokens)
+    nll = []
+    for i in range(len(examples)):  # one example at a time: its own mean
+        total, n = reference_nll(model, examples.select([i]), pad_token_id=pad, batch_size=1, progress=False)
+        nll.append(total / n)
+    return {"answers": [until_eos(ids, eos_ids) for ids in new_ids], "nll": nll}
+
+
 def token_mismatch(reference: list[list[int]], other: list[list[int]]) -> tuple[int, int]:
     """(answer tokens not reproduced, answer tokens) of `other` against `reference`, answer by
     answer over the longer of the two: greedy decoding takes another path after the first token
@@ -85,9 +125,10 @@ def token_mismatch(reference: list[list[int]], other: list[list[int]]) -> tuple[
     return missed, total
 
 
-def compare(reference: dict, merged: dict) -> dict:
-    """Parity of the merged model against base + adapter. Each argument: {"answers": token ids per
-    example (cut at EOS), "nll": mean NLL per reference token, per example}."""
+def compare(reference: dict, merged: dict, names: tuple[str, str] = ("adapter", "merged")) -> dict:
+    """Parity of the merged model against base + adapter (or of any model against a reference:
+    `names` name their mean NLLs). Each argument: {"answers": token ids per example (cut at EOS),
+    "nll": mean NLL per reference token, per example}."""
     missed, total = token_mismatch(reference["answers"], merged["answers"])
     diffs = [abs(a - b) for a, b in zip(reference["nll"], merged["nll"], strict=True)]
     return {
@@ -96,8 +137,8 @@ def compare(reference: dict, merged: dict) -> dict:
         "answer_tokens": total,
         "token_mismatch": missed / total if total else 0.0,
         "nll_max_abs_diff": math.nan if any(map(math.isnan, diffs)) else max(diffs, default=0.0),
-        "nll_mean_adapter": sum(reference["nll"]) / len(diffs) if diffs else 0.0,
-        "nll_mean_merged": sum(merged["nll"]) / len(diffs) if diffs else 0.0,
+        f"nll_mean_{names[0]}": sum(reference["nll"]) / len(diffs) if diffs else 0.0,
+        f"nll_mean_{names[1]}": sum(merged["nll"]) / len(diffs) if diffs else 0.0,
     }
 
 

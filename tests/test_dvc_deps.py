@@ -121,14 +121,14 @@ def test_editing_the_prompt_module_reruns_tokenize_format_and_what_follows(pipel
     prompt = repo / "titletune" / "prompt.py"
     prompt.write_text(prompt.read_text() + "# a comment\n")
     assert changed_stages(repo) == {"tokenize-format"}
-    assert downstream({"tokenize-format"}) == {"tokenize-format", "train", "evaluate-base", "evaluate", "export"}
+    assert downstream({"tokenize-format"}) == {"tokenize-format", "train", "evaluate-base", "evaluate", "export", "gguf"}
 
     # A real change of the prompt: tokenize-format re-runs, and then what uses its data is out of
     # date (export too: its parity gate reads the test split); the data stages before it never are.
     prompt.write_text(prompt.read_text().replace("Write a response that answers it.", "Answer it."))
     run(["dvc", "repro", "tokenize-format"], repo, timeout=300)
     assert "Answer it." in (repo / "data/formatted/train/data-00000-of-00001.arrow").read_bytes().decode("utf-8", "replace")
-    assert changed_stages(repo) == {"train", "evaluate-base", "evaluate", "export"}
+    assert changed_stages(repo) == {"train", "evaluate-base", "evaluate", "export", "gguf"}
 
 
 @pytest.mark.slow
@@ -139,12 +139,12 @@ def test_editing_the_cleaning_module_reruns_preprocess_and_what_follows(pipeline
     cleaning.write_text(cleaning.read_text() + "# a comment\n")
     assert changed_stages(repo) == {"preprocess"}
     assert downstream({"preprocess"}) == {"preprocess", "tokenize-format", "train", "evaluate-base", "evaluate",
-                                         "export"}
+                                         "export", "gguf"}
     assert "decompress" not in downstream({"preprocess"})
 
 
 def test_a_training_change_does_not_reach_the_base_model_evaluation():
     """evaluate-base reads no output of train and no train param: `dvc exp run -S train.X=...`
-    re-runs train, evaluate and export, never the base model's answers."""
-    assert downstream({"train"}) == {"train", "evaluate", "export"}
+    re-runs train, evaluate, export and gguf, never the base model's answers."""
+    assert downstream({"train"}) == {"train", "evaluate", "export", "gguf"}
     assert not any(p.startswith("train") for p in STAGES["evaluate-base"]["params"])

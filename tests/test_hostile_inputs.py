@@ -30,9 +30,10 @@ from pathlib import Path
 
 import pytest
 
+from titletune.params import Params
 from titletune.testing import ENV, run, set_params
 
-SECTIONS = "data, preprocess, model, format, train, evaluate, export, predict"
+SECTIONS = ", ".join(Params.model_fields)  # as params.yaml lists them
 TRAIN = [sys.executable, "-m", "stages.train", "data/formatted", "models/adapter", "metrics"]
 
 

@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from titletune.cli import UserError
 from titletune.generation.metrics import completion_nll
+from titletune.launch import local_rank
 
 SAMPLING_SEED = 0  # only matters with evaluate.do_sample: both models draw from the same seed
 ATTENTION = "titletune_decode"  # the attention implementation models are loaded with (registered below)
@@ -109,7 +110,7 @@ def load_for_generation(model_params, adapter_dir: Path | str | None = None, mer
             bnb_4bit_compute_dtype=dtype)
     model = AutoModelForCausalLM.from_pretrained(
         name, dtype=dtype, trust_remote_code=model_params.trust_remote_code, use_safetensors=True,
-        attn_implementation=ATTENTION, device_map={"": 0} if torch.cuda.is_available() else None, **extra)
+        attn_implementation=ATTENTION, device_map={"": local_rank()} if torch.cuda.is_available() else None, **extra)
     tokenizer = ensure_pad_token(AutoTokenizer.from_pretrained(name, trust_remote_code=model_params.trust_remote_code))
     if adapter_dir is not None:
         from peft import PeftModel

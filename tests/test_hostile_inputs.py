@@ -251,8 +251,8 @@ def test_answers_longer_than_the_model_positions_are_refused(repo):
     store = {name: {**start, "env": dict(ENV, MLFLOW_TRACKING_URI=f"sqlite:///{repo.parent / name}.db")}
              for name in ("evaluate", "export")}
     done = all_done({
-        "evaluate": subprocess.Popen([sys.executable, "-m", "stages.evaluate", "data/formatted", "models/adapter",
-                                      "metrics"], **store["evaluate"]),
+        "evaluate": subprocess.Popen([sys.executable, "-m", "stages.evaluate_base", "data/formatted/test",
+                                      "metrics/eval_base.json", "metrics/eval_base_samples.jsonl"], **store["evaluate"]),
         "export": subprocess.Popen([sys.executable, "-m", "stages.export", "data/formatted", "models/adapter",
                                     "models/merged", "metrics/export.json"], **store["export"])})
     assert re.fullmatch(r"error: params\.yaml: evaluate\.max_new_tokens: 100000000 is not allowed with "

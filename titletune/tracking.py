@@ -42,8 +42,8 @@ def setup():
     """The store: MLFLOW_TRACKING_URI (a team server) if set, else mlflow.db (sqlite, git-ignored)
     in the repository root; `mlflow ui --backend-store-uri sqlite:///mlflow.db` shows it."""
     import mlflow
-    if not os.environ.get("MLFLOW_TRACKING_URI"):
-        mlflow.set_tracking_uri(f"sqlite:///{Path('mlflow.db').absolute()}")
+    # Set every time: a URI set earlier in this process (another store) must not outlive the env var.
+    mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path('mlflow.db').absolute()}")
     mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME", "titletune"))
     return mlflow
 
@@ -130,7 +130,13 @@ def section_params(params, *sections: str) -> dict[str, str]:
     return flat
 
 
-TRAIN_SECTIONS = ("data", "preprocess", "model", "format", "train")  # what made the adapter
+# The sections of the stages after train log themselves on this run (their values when they ran);
+# train logs every other one: what made the adapter, and predict's, which no stage reads.
+LATER_SECTIONS = ("evaluate", "export")
+
+
+def train_sections(params) -> list[str]:
+    return [s for s in type(params).model_fields if s not in LATER_SECTIONS]
 
 
 def run_name(fingerprint: str) -> str:
@@ -146,7 +152,7 @@ def start_training_run(params, fingerprint: str):
     run = mlflow.start_run(run_name=run_name(fingerprint))
     mlflow.set_tags({k: v for k, v in {"dvc_experiment": exp_name, "data_md5": data_md5_from_lock(),
                                        "stage": "train", **process_tags()}.items() if v})
-    mlflow.log_params(section_params(params, *TRAIN_SECTIONS))
+    mlflow.log_params(section_params(params, *train_sections(params)))
     return run
 
 

@@ -29,17 +29,19 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 SHAPE_1B = dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
                 intermediate_size=8192, head_dim=64, tie_word_embeddings=True)
+SHAPE_MINI = dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  intermediate_size=256, head_dim=32, tie_word_embeddings=True)  # --mini: a CPU rehearsal
 
 
-def build(work: Path) -> None:
+def build(work: Path, shape: dict) -> None:
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
     tiny = ROOT / "models/tiny-llama"
     config = LlamaConfig.from_pretrained(tiny)
-    for key, value in SHAPE_1B.items():
+    for key, value in shape.items():
         setattr(config, key, value)
     torch.manual_seed(0)
-    with torch.device("cuda"):
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
         model = LlamaForCausalLM(config).to(torch.bfloat16)
     model.save_pretrained(work / "base")
     AutoTokenizer.from_pretrained(tiny).save_pretrained(work / "base")
@@ -68,7 +70,8 @@ def answers(path: str, repo: Path) -> dict:
                               max_new_tokens=64)
     else:
         new = generate(model, prompts, pad_token_id=tok.pad_token_id, max_new_tokens=64, eos_ids=eos_ids)
-    torch.cuda.synchronize()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     ids = [until_eos(a, eos_ids) for a in new]
     texts = [tok.decode(a, skip_special_tokens=True).strip() for a in ids]
@@ -82,6 +85,7 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("/tmp/titletune-parity"))
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--mini", action="store_true", help="a tiny shape instead of 1B: rehearse the command on CPU")
     ap.add_argument("--path", help=argparse.SUPPRESS)
     args = ap.parse_args()
     repo = args.work / "repo"
@@ -91,7 +95,7 @@ def main() -> None:
 
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(repo), os.environ.get("PYTHONPATH")]))}
     args.work.mkdir(parents=True, exist_ok=True)
-    build(args.work)
+    build(args.work, SHAPE_MINI if args.mini else SHAPE_1B)
     shutil.copytree(ROOT, repo, ignore=shutil.ignore_patterns(".git", ".venv", "*.tgz", "mlruns", "mlflow.db",
                                                               "interim", "processed", "formatted", "adapter", "merged"))
     params = yaml.safe_load((repo / "params.yaml").read_text())
@@ -116,7 +120,9 @@ def main() -> None:
         paths[path] = json.loads(proc.stdout.strip().splitlines()[-1])
     before, engine = paths["before"], paths["engine"]
     same = sum(a == b for a, b in zip(before["ids"], engine["ids"]))
-    report = {"device": __import__("torch").cuda.get_device_name(0), "steps": args.steps,
+    torch = __import__("torch")
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
+    report = {"device": device, "steps": args.steps,
               "train": json.loads((repo / "metrics/train.json").read_text()), "stage_seconds": timings,
               "prompts": len(before["ids"]), "identical_answers": same, "identical_share": same / len(before["ids"]),
               "metrics_before": before["metrics"], "metrics_engine": engine["metrics"],

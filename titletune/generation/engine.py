@@ -127,12 +127,9 @@ class SlotCache:
     attention layer during a decode step) writes the new key and value at each slot's own column."""
 
     def __init__(self, config, slots: int, length: int, dtype, device):
-        config = config.get_text_config()
-        heads = config.num_key_value_heads
-        dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        shape = (slots, heads, length, dim)
-        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
-        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+        layers, heads, dim = self.layout(config)
+        self.keys = [torch.zeros(slots, heads, length, dim, dtype=dtype, device=device) for _ in range(layers)]
+        self.values = [torch.zeros(slots, heads, length, dim, dtype=dtype, device=device) for _ in range(layers)]
         self.rows = torch.arange(slots, device=device)
         self.column = torch.zeros(slots, dtype=torch.long, device=device)  # where the next token goes
 
@@ -149,10 +146,16 @@ class SlotCache:
             v[slots, :, :done.values.shape[2]] = done.values
 
     @staticmethod
-    def bytes_per_slot(config, length: int, dtype) -> int:
+    def layout(config) -> tuple[int, int, int]:
+        """(layers, key-value heads, head dim) of the model's attention."""
         config = config.get_text_config()
         dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        return 2 * config.num_hidden_layers * config.num_key_value_heads * dim * length * dtype.itemsize
+        return config.num_hidden_layers, config.num_key_value_heads, dim
+
+    @classmethod
+    def bytes_per_slot(cls, config, length: int, dtype) -> int:
+        layers, heads, dim = cls.layout(config)
+        return 2 * layers * heads * dim * length * dtype.itemsize
 
 
 class Engine:
@@ -170,20 +173,20 @@ class Engine:
         self.out = torch.zeros(slots, max_new_tokens + 1, dtype=torch.long, device=device)  # last column: a sink
         self.eos = torch.tensor(sorted(eos_ids) or [-1], device=device)
         self.sample = sample  # None: greedy, inside the step; else a function of the logits
-        self.logits = None
         self.graph = None
 
-    def step(self) -> None:
-        """One token for every slot (inactive slots compute too, and write only into their own row)."""
+    def step(self) -> torch.Tensor | None:
+        """One token for every slot (inactive slots compute too, and write only into their own row).
+        Greedy: recorded inside the step (so a CUDA graph holds it all); sampling: the logits returned."""
         cache = self.cache
         mask = (self.columns >= self.start[:, None]) & (self.columns <= cache.column[:, None])
         logits = self.model(input_ids=self.tokens[:, None], attention_mask=mask[:, None, None, :],
                             position_ids=(cache.column - self.start)[:, None], past_key_values=cache,
                             use_cache=True).logits[:, -1]
-        if self.sample is None:
-            self.record(logits.argmax(-1))
-        else:
-            self.logits = logits
+        if self.sample is not None:
+            return logits
+        self.record(logits.argmax(-1))
+        return None
 
     def record(self, new: torch.Tensor) -> None:
         """Append the new tokens of the active slots; a slot that reached EOS or max_new_tokens ends."""
@@ -223,9 +226,9 @@ class Engine:
         if self.graph is not None:
             self.graph.replay()
             return
-        self.step()
+        logits = self.step()
         if self.sample is not None:
-            self.record(self.sample(self.logits))
+            self.record(self.sample(logits))
 
     def prefill(self, prompts: list[list[int]], slots: list[int], pad_token_id: int) -> None:
         """Run the prompts (left padded) through the model and start them in these slots."""

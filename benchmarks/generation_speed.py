@@ -117,9 +117,12 @@ def load(path: str, model_dir: Path, adapter: Path | None):
     from titletune.params import load_params
     model_params = load_params("model")
     model_params = model_params.model_copy(update={"name": str(model_dir)})
-    if path == "before":
-        from titletune.modeling import load_model, load_tuned_model, unsloth
-        model, tokenizer = load_tuned_model(model_params, 4096, adapter) if adapter else load_model(model_params, 4096)
+    if path == "before":  # Unsloth's loader, the saved adapter on top (PEFT), Unsloth's inference mode
+        from titletune.modeling import load_model, unsloth
+        model, tokenizer = load_model(model_params, 4096)
+        if adapter:
+            from peft import PeftModel
+            model = PeftModel.from_pretrained(model, str(adapter))
         unsloth().for_inference(model)
         return model.eval(), tokenizer
     from titletune.generation.engine import load_for_generation

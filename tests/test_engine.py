@@ -26,6 +26,13 @@ def test_pad_batch_sides():
     assert ids.tolist() == [[5, 6, 7], [8, 0, 0]] and att.tolist() == [[1, 1, 1], [1, 0, 0]]
 
 
+def test_a_missing_adapter_says_run_dvc_repro_before_the_model_loads(tmp_path):
+    from titletune.cli import UserError
+    model_params = load_params("model").model_copy(update={"name": str(tmp_path / "no-model-either")})
+    with pytest.raises(UserError, match=r"adapter: no trained adapter here; run `dvc repro` first"):
+        load_for_generation(model_params, tmp_path / "adapter")
+
+
 def reference_answers(model, prompts, pad_token_id, eos_ids, max_new_tokens):
     """transformers' own generate(), one prompt at a time (no padding, its own cache): the answer
     every faster path must reproduce."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from titletune.cli import UserError
-from titletune.modeling import load_formatted, load_tokenizer, load_tuned_model, resolve_model_name
+from titletune.modeling import load_formatted, load_tokenizer, resolve_model_name
 from titletune.params import Model
 from titletune.testing import ROOT
 
@@ -30,9 +30,7 @@ def test_missing_model_folder_and_offline_hub_id_fail_clearly(monkeypatch, tmp_p
         resolve_model_name("unsloth/Llama-3.2-1B-Instruct")
 
 
-def test_missing_adapter_and_missing_data_say_run_dvc_repro(tmp_path):
-    with pytest.raises(UserError, match=r"no trained adapter here; run `dvc repro` first"):
-        load_tuned_model(TINY, 128, tmp_path / "adapter")     # before any model loads
+def test_missing_data_says_run_dvc_repro(tmp_path):
     with pytest.raises(UserError, match=r"no formatted dataset; run `dvc repro` \(tokenize-format\) first"):
         load_formatted(tmp_path / "formatted")
 

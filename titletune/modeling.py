@@ -158,23 +158,6 @@ def check_answer_room(model, longest_prompt: int, max_new_tokens: int, key: str,
                         f"{longest_prompt:,} tokens)")
 
 
-def load_tuned_model(model, max_seq_length: int, adapter_dir: Path | str):
-    """Base model + the trained LoRA adapter (a PeftModel) + tokenizer, for evaluate, ask and export.
-
-    `with tuned.disable_adapter():` gives the base model's answers from the same weights.
-    """
-    adapter_dir = Path(adapter_dir)
-    if not (adapter_dir / "adapter_config.json").is_file():
-        raise UserError(f"{adapter_dir}: no trained adapter here; run `dvc repro` first "
-                        "(the train stage writes it)")
-    check_model_folder(str(adapter_dir), model.trust_remote_code, what="adapter", weights="adapter_model")
-    base, tokenizer = load_model(model, max_seq_length)
-    from peft import PeftModel  # after load_model, which imported unsloth first
-    # The base path inside adapter_config.json is where it was trained (maybe another machine):
-    # the base comes from model.name instead.
-    return PeftModel.from_pretrained(base, str(adapter_dir)), tokenizer
-
-
 def load_formatted(data_dir: Path | str):
     """The tokenize-format stage's DatasetDict, opened read-only for train, evaluate and benchmarks.
 

@@ -228,6 +228,7 @@ def main() -> None:
             print(f"FAILED {failed[-1]}:\n{proc.stderr[-3000:]}", flush=True)
             continue
         row = json.loads(proc.stdout.strip().splitlines()[-1])
+        row["eager_fallback"] = "without a CUDA graph" in proc.stderr  # the engine's one line when capture fails
         with open(args.out, "a") as f:
             f.write(json.dumps(row) + "\n")
         print(f"{row['device']:>24} {row['shape']:>4} {path:>6} adapter={adapter!s:5} eos={eos!s:5} {prompts:5} prompts "

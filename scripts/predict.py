@@ -23,7 +23,6 @@ relaunches itself under torchrun, one process a GPU; the output order is the inp
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 from titletune.cli import run_main
@@ -52,7 +51,7 @@ def main() -> None:
 
     n_gpus = resolve_gpus(params[3].gpus, "predict.gpus")
     if n_gpus > 1 and world_size() == 1:   # not yet under torchrun: there, one process a GPU
-        relaunch(n_gpus, [str(Path(__file__).resolve()), *sys.argv[1:]], "predict")
+        relaunch(n_gpus, "predict")
     predict(args.input, args.output, source, found, params, ROOT)
 
 

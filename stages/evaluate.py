@@ -28,11 +28,10 @@ if __name__ == "__main__":  # before the imports below: a wrong command line is 
 
 from pathlib import Path
 
-from titletune.generation.engine import load_for_generation, prompt_ids
+from titletune.generation.engine import load_for_generation
 from titletune.generation.evaluation import (answer_and_score, base_settings, load_test_examples, read_base,
                                              write_samples)
 from titletune.generation.metrics import delta
-from titletune.modeling import check_answer_room
 from titletune.params import read_params
 from titletune.tracking import check_store, log_evaluation, register_evaluation
 
@@ -63,9 +62,7 @@ def main() -> None:
     base, base_answers = read_base(base_metrics, base_samples, examples, base_settings(ep))
 
     model, tokenizer = load_for_generation(model_params, adapter_dir)  # the adapter merged into a working copy
-    check_answer_room(model, max(map(len, prompt_ids(examples))), ep.max_new_tokens, "evaluate.max_new_tokens",
-                      model_params.name)
-    tuned, tuned_answers = answer_and_score(model, tokenizer, examples, ep, "tuned")
+    tuned, tuned_answers = answer_and_score(model, tokenizer, examples, ep, "tuned", model_params.name)
     results, answers = {"base": base, "tuned": tuned}, {"base": base_answers, "tuned": tuned_answers}
 
     report = {"samples": len(examples), **results, "delta": delta(results["base"], results["tuned"])}

@@ -18,9 +18,8 @@ ARGUMENTS = "TEST_DIR BASE_METRICS BASE_SAMPLES"
 if __name__ == "__main__":  # before the imports below: a wrong command line is told at once
     command_line(ARGUMENTS)
 
-from titletune.generation.engine import load_for_generation, prompt_ids
+from titletune.generation.engine import load_for_generation
 from titletune.generation.evaluation import answer_and_score, base_settings, load_test_examples, write_base
-from titletune.modeling import check_answer_room
 from titletune.params import load_params
 
 
@@ -30,9 +29,7 @@ def main() -> None:
     examples = load_test_examples(test_dir, ep.max_samples)
 
     model, tokenizer = load_for_generation(model_params)
-    check_answer_room(model, max(map(len, prompt_ids(examples))), ep.max_new_tokens, "evaluate.max_new_tokens",
-                      model_params.name)
-    metrics, answers = answer_and_score(model, tokenizer, examples, ep, "base")
+    metrics, answers = answer_and_score(model, tokenizer, examples, ep, "base", model_params.name)
     write_base(metrics_path, samples_path, examples, base_settings(ep), metrics, answers)
     print(f"evaluate-base: {len(examples)} test examples, base model {model_params.name}: perplexity "
           f"{metrics['perplexity']:.4g}, ROUGE-L {metrics['rougeL']:.3f}, BLEU {metrics['bleu']:.2f}, "

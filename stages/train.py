@@ -92,8 +92,7 @@ def main() -> None:
         check_store()  # before a model loads: an unusable MLflow store fails in seconds
     n_gpus = resolve_gpus(params.train.gpus)
     if n_gpus > 1 and "WORLD_SIZE" not in os.environ:
-        relaunch(n_gpus, [*(["-m", __spec__.name] if __spec__ else [str(Path(__file__).resolve())]), *sys.argv[1:]],
-                 "train")
+        relaunch(n_gpus, "train")
     tp = resolve_tokens_per_step(params.train, fmt.max_length, on_gpu=torch.cuda.is_available())
     trainer, throughput, fingerprint, device = build_trainer(data_dir, model_params, fmt, tp)
     resume = resume_decision(fingerprint, world_size())

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 from titletune.cli import UserError
 
@@ -32,16 +33,22 @@ def launch_command(n_gpus: int, argv: list[str]) -> list[str]:
             f"--nproc_per_node={n_gpus}", *argv]
 
 
-def relaunch(n_gpus: int, argv: list[str], name: str) -> None:
-    """Run this command (`argv`: its script or `-m module`, and its arguments) again under torchrun
-    on n_gpus; exit with its exit code."""
-    cmd = launch_command(n_gpus, argv)
+def relaunch(n_gpus: int, name: str) -> None:
+    """Run this command again under torchrun on n_gpus, as it was started (`python -m module` or
+    a script, with its arguments); exit with its exit code."""
+    spec = getattr(sys.modules["__main__"], "__spec__", None)
+    this = ["-m", spec.name] if spec else [str(Path(sys.argv[0]).resolve())]
+    cmd = launch_command(n_gpus, [*this, *sys.argv[1:]])
     print(f"{name}: launching on {n_gpus} GPUs: {' '.join(cmd)}", flush=True)
     sys.exit(subprocess.run(cmd).returncode)
 
 
+def rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
 def is_rank0() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
+    return rank() == 0
 
 
 def world_size() -> int:

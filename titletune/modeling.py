@@ -89,12 +89,24 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
+def model_source(model) -> str:
+    """model.name, resolved (resolve_model_name) and checked safe to load (check_model_folder):
+    what every loader passes to from_pretrained."""
+    name = resolve_model_name(model.name)
+    check_model_folder(name, model.trust_remote_code)
+    return name
+
+
+def require_cuda_for_4bit(model) -> None:
+    import torch
+    if model.load_in_4bit and not torch.cuda.is_available():
+        raise UserError("model.load_in_4bit: 4-bit QLoRA needs a CUDA GPU; set it to false on CPU")
+
+
 def load_tokenizer(model):
     """The base model's tokenizer alone (no weights, no Unsloth: enough to format the data)."""
     from transformers import AutoTokenizer
-    name = resolve_model_name(model.name)
-    check_model_folder(name, model.trust_remote_code)
-    return AutoTokenizer.from_pretrained(name, trust_remote_code=model.trust_remote_code)
+    return AutoTokenizer.from_pretrained(model_source(model), trust_remote_code=model.trust_remote_code)
 
 
 def compute_dtype():
@@ -115,15 +127,10 @@ def load_model(model, max_seq_length: int, device_map=None):
     remote code only when `model.trust_remote_code` says so.
     """
     fast_language_model = unsloth()
-    import torch
-
-    if model.load_in_4bit and not torch.cuda.is_available():
-        raise UserError("model.load_in_4bit: 4-bit QLoRA needs a CUDA GPU; set it to false on CPU")
+    require_cuda_for_4bit(model)
     extra = {"device_map": device_map} if device_map is not None else {}
-    name = resolve_model_name(model.name)
-    check_model_folder(name, model.trust_remote_code)
     loaded, tokenizer = fast_language_model.from_pretrained(
-        model_name=name,
+        model_name=model_source(model),
         max_seq_length=max_seq_length,
         dtype=compute_dtype(),
         load_in_4bit=model.load_in_4bit,

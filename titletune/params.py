@@ -106,6 +106,7 @@ Size = whole("a whole number >= 1", ge=1)
 Fraction = number("a number in [0, 1)", ge=0, lt=1)
 Positive = number("a number > 0", gt=0)
 AutoOrCount = Annotated[Union[Literal["auto"], Annotated[int, Field(ge=0)]], Allowed("auto or a whole number >= 0")]
+AutoOrSize = Annotated[Union[Literal["auto"], Annotated[int, Field(ge=1)]], Allowed("auto or a whole number >= 1")]
 
 
 class Section(BaseModel):
@@ -147,7 +148,7 @@ class Format(Section):
     # It becomes the models' max_seq_length: 2**20 tokens is more context than any released model has.
     max_length: whole(f"a whole number in [1, {MAX_LENGTH}]", ge=1, le=MAX_LENGTH)
     # Characters of a title or a description kept before tokenising (auto: CHARS_PER_TOKEN x max_length).
-    max_chars: Annotated[Union[Literal["auto"], Annotated[int, Field(ge=1)]], Allowed("auto or a whole number >= 1")]
+    max_chars: AutoOrSize
     questions: Annotated[list[Annotated[str, AfterValidator(_question)]], Field(min_length=1),
                          Allowed("a list of at least one question, each with {title}")]
 
@@ -205,7 +206,7 @@ class Evaluate(Section):
     max_samples: Count  # 0 = all
     # The generation engine's slots (sequences decoded together); auto: as many as fit in 60 % of
     # free GPU memory (up to 512), 64 on a CPU.
-    batch_size: Annotated[Union[Literal["auto"], Annotated[int, Field(ge=1)]], Allowed("auto or a whole number >= 1")]
+    batch_size: AutoOrSize
     max_new_tokens: Size
     do_sample: Flag
     # Logits are divided by it: 1e-300 is 0 in float32 and every probability NaN. Below 0.01 sampling

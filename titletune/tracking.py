@@ -38,13 +38,22 @@ PROCESS_TAGS = ("titletune.repo", "titletune.host", "titletune.pid", "titletune.
 
 # ---------------------------------------------------------------- the store
 
+def store_uri() -> str:
+    """MLFLOW_TRACKING_URI (a team server) if set, else mlflow.db (sqlite, git-ignored) in the
+    repository root; `mlflow ui --backend-store-uri sqlite:///mlflow.db` shows it."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path('mlflow.db').absolute()}"
+
+
+def experiment_name() -> str:
+    return os.environ.get("MLFLOW_EXPERIMENT_NAME", "titletune")
+
+
 def setup():
-    """The store: MLFLOW_TRACKING_URI (a team server) if set, else mlflow.db (sqlite, git-ignored)
-    in the repository root; `mlflow ui --backend-store-uri sqlite:///mlflow.db` shows it."""
+    """MLflow pointed at the store (store_uri) and the experiment (experiment_name)."""
     import mlflow
     # Set every time: a URI set earlier in this process (another store) must not outlive the env var.
-    mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path('mlflow.db').absolute()}")
-    mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME", "titletune"))
+    mlflow.set_tracking_uri(store_uri())
+    mlflow.set_experiment(experiment_name())
     return mlflow
 
 
@@ -52,7 +61,7 @@ def check_store() -> None:
     """Fail in seconds, with one line, where the store cannot be used: a server that does not
     answer (MLflow would retry for minutes), a sqlite file that cannot be written or is not a
     database. Stages call it before they load a model."""
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path('mlflow.db').absolute()}"
+    uri = store_uri()
     if uri.startswith("sqlite:"):
         _check_sqlite(uri)
     # One quick try, where the user has not chosen otherwise.
@@ -182,7 +191,7 @@ def end_stale_runs() -> list[str]:
     from mlflow import MlflowClient
     import mlflow
     client = MlflowClient()
-    experiment = mlflow.get_experiment_by_name(os.environ.get("MLFLOW_EXPERIMENT_NAME", "titletune"))
+    experiment = mlflow.get_experiment_by_name(experiment_name())
     here = {k: v for k, v in process_tags().items() if k in ("titletune.repo", "titletune.host")}
     ended = []
     for run in client.search_runs([experiment.experiment_id], "attributes.status = 'RUNNING'", max_results=1000):
@@ -243,11 +252,10 @@ def _train_json_run_id(train_metrics: Path = Path("metrics/train.json")) -> str 
     return run_id
 
 
-def _training_run_id(mlflow, train_metrics: Path = Path("metrics/train.json")) -> str | None:
-    """The adapter's training run, if it is in this store (and not deleted there: MLflow refuses to
-    log into a deleted run)."""
+def _in_store(mlflow, run_id: str | None) -> str | None:
+    """run_id (the adapter's training run), if that run is in this store (and not deleted there:
+    MLflow refuses to log into a deleted run)."""
     from mlflow.exceptions import MlflowException
-    run_id = _train_json_run_id(train_metrics)
     try:
         info = mlflow.get_run(run_id).info if run_id else None
     except MlflowException:
@@ -265,7 +273,7 @@ def stage_run(params, section: str, train_metrics: Path = Path("metrics/train.js
     from mlflow import MlflowClient
     logged = section_params(params, section)
     train_run_id = _train_json_run_id(train_metrics)
-    in_store = _training_run_id(mlflow, train_metrics)
+    in_store = _in_store(mlflow, train_run_id)
     known = MlflowClient().get_run(in_store).data.params if in_store else {}
     if in_store and all(known.get(key, value) == value for key, value in logged.items()):
         run_args = {"run_id": in_store}
@@ -319,7 +327,8 @@ def adapter_version(name: str, adapter_dir: Path, holder_run_id: str | None = No
     found = client.search_model_versions(f"name = '{name}' and tags.adapter_md5 = '{md5}'")
     if found:
         return max(found, key=lambda v: int(v.version))
-    run_id = _training_run_id(mlflow) or holder_run_id
+    training_run_id = _in_store(mlflow, _train_json_run_id())
+    run_id = training_run_id or holder_run_id
     if run_id is None:
         with mlflow.start_run(run_name="registry", tags={"stage": "registry"}) as run:
             run_id = run.info.run_id
@@ -331,7 +340,7 @@ def adapter_version(name: str, adapter_dir: Path, holder_run_id: str | None = No
         client.create_registered_model(name, description="titletune LoRA adapters (titletune.tracking)")
     # The commit MLflow recorded for the run that holds the adapter (its source tag).
     commit = client.get_run(run_id).data.tags.get("mlflow.source.git.commit", "")
-    tags = {"adapter_md5": md5, "training_run_id": _training_run_id(mlflow) or "",
+    tags = {"adapter_md5": md5, "training_run_id": training_run_id or "",
             "git_commit": commit, "data_md5": data_md5_from_lock() or "",
             "dvc_experiment": os.environ.get("DVC_EXP_NAME", "")}
     return client.create_model_version(name, source=f"{client.get_run(run_id).info.artifact_uri}/adapter",

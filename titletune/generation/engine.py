@@ -92,17 +92,16 @@ def load_for_generation(model_params, adapter_dir: Path | str | None = None, mer
     merge: the adapter is merged into this working copy of the weights (W + BA), so that the tuned
     model generates as fast as the base; merge=False keeps a PeftModel (export compares the merged
     model against it; `disable_adapter()` then gives the base). A 4-bit base is never merged."""
-    from titletune.modeling import check_model_folder, compute_dtype, ensure_pad_token, resolve_model_name
-    if adapter_dir is not None and not (Path(adapter_dir) / "adapter_config.json").is_file():
-        raise UserError(f"{adapter_dir}: no trained adapter here; run `dvc repro` first (the train stage writes it)")
+    from titletune.modeling import (check_model_folder, compute_dtype, ensure_pad_token, model_source,
+                                    require_cuda_for_4bit)
     if adapter_dir is not None:
+        if not (Path(adapter_dir) / "adapter_config.json").is_file():
+            raise UserError(f"{adapter_dir}: no trained adapter here; run `dvc repro` first (the train stage writes it)")
         check_model_folder(str(adapter_dir), model_params.trust_remote_code, what="adapter", weights="adapter_model")
-    if model_params.load_in_4bit and not torch.cuda.is_available():
-        raise UserError("model.load_in_4bit: 4-bit QLoRA needs a CUDA GPU; set it to false on CPU")
+    require_cuda_for_4bit(model_params)
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
     _register_attention()
-    name, dtype = resolve_model_name(model_params.name), compute_dtype()
-    check_model_folder(name, model_params.trust_remote_code)
+    name, dtype = model_source(model_params), compute_dtype()
     extra = {}
     if model_params.load_in_4bit:  # as Unsloth loads it for QLoRA training
         extra["quantization_config"] = BitsAndBytesConfig(

@@ -16,6 +16,7 @@ from titletune.cli import UserError, atomic_path, write_json
 from titletune.generation.engine import (SAMPLING_SEED, eos_token_ids, generate, generation_kwargs, prompt_ids,
                                          reference_nll, until_eos)
 from titletune.generation.metrics import score
+from titletune.modeling import check_answer_room
 from titletune.splits import select_examples
 
 # The evaluate params that change the base model's answers or scores: dvc.yaml declares exactly
@@ -47,15 +48,18 @@ def load_test_examples(test_dir: Path, max_samples: int):
     return examples
 
 
-def answer_and_score(model, tokenizer, examples, ep, name: str) -> tuple[dict, list[str]]:
+def answer_and_score(model, tokenizer, examples, ep, name: str, model_name: str) -> tuple[dict, list[str]]:
     """One model's metrics (titletune.generation.metrics.score) and its answers, in example order:
-    it scores the reference descriptions (teacher-forced NLL) and answers every test question."""
+    it scores the reference descriptions (teacher-forced NLL) and answers every test question.
+    First, before any work: the longest question and max_new_tokens fit the model's positions."""
+    prompts = prompt_ids(examples)
+    check_answer_room(model, max(map(len, prompts)), ep.max_new_tokens, "evaluate.max_new_tokens", model_name)
     pad, bs = tokenizer.pad_token_id, ep.slots()
     eos_ids = eos_token_ids(model, tokenizer)
     nll_sum, n_tokens = reference_nll(model, examples, pad_token_id=pad, batch_size=bs,
                                       desc=f"{name}: scoring references")
     torch.manual_seed(SAMPLING_SEED)  # with do_sample, base and tuned draw from the same seed
-    new_ids = generate(model, prompt_ids(examples), pad_token_id=pad, eos_ids=eos_ids,
+    new_ids = generate(model, prompts, pad_token_id=pad, eos_ids=eos_ids,
                        desc=f"{name}: generating", **generation_kwargs(ep))
     answer_ids = [until_eos(ids, eos_ids) for ids in new_ids]
     answers = [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in answer_ids]

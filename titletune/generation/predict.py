@@ -22,7 +22,6 @@ import contextlib
 import csv
 import hashlib
 import json
-import os
 import shutil
 import sys
 import time
@@ -32,7 +31,7 @@ from pathlib import Path
 from typing import Iterator
 
 from titletune.cli import Interrupted, UserError, atomic_path
-from titletune.launch import is_rank0, world_size
+from titletune.launch import is_rank0, rank, world_size
 from titletune.prompt import encode_prompts, pick_question
 
 # torch and the engine are imported where they are used: bad input is refused before they load.
@@ -318,13 +317,13 @@ def answer_all(model, tokenizer, input_path: Path, work: Path, total_rows: int, 
 
     from titletune.generation.engine import eos_token_ids
     eos_ids = eos_token_ids(model, tokenizer)
-    rank, world = int(os.environ.get("RANK", "0")), world_size()
+    mine, world = rank(), world_size()
     rows_done = tokens = parts = 0
     start = time.perf_counter()
-    with tqdm(total=rank_rows(total_rows, pp.chunk_rows, rank, world), desc="predict", unit="row",
+    with tqdm(total=rank_rows(total_rows, pp.chunk_rows, mine, world), desc="predict", unit="row",
               disable=not is_rank0(), smoothing=0) as bar:
         for number, rows in chunks(input_path, pp.chunk_rows):
-            if number % world != rank:
+            if number % world != mine:
                 continue
             part = part_path(work, number)
             if not part.exists():   # else answered by an earlier run
@@ -392,7 +391,7 @@ def predict(input_path: Path, output: Path, source: Path | None, found: Scan, pa
                           "command again to continue from there") from None
     seconds = time.perf_counter() - start
     if world_size() > 1:
-        print(f"predict: rank {os.environ['RANK']} of {world_size()} answered {parts} parts ({rows_done:,} rows)",
+        print(f"predict: rank {rank()} of {world_size()} answered {parts} parts ({rows_done:,} rows)",
               flush=True)
     barrier()  # every part is written
     rows_done, tokens = sum_over_ranks(rows_done, tokens)

@@ -13,6 +13,8 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
+from titletune import launch
+
 
 def _sync() -> None:
     if torch.cuda.is_available():
@@ -77,7 +79,7 @@ class ProfileOneStep(TrainerCallback):
         _sync()
         self.prof.__exit__(None, None, None)
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        rank = os.environ.get("RANK", "0")
+        rank = launch.rank()
         sort = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
         table = self.prof.key_averages().table(sort_by=sort, row_limit=30, max_name_column_width=70)
         (self.out_dir / f"profile_step_rank{rank}.txt").write_text(f"step {state.global_step}\n{table}\n")

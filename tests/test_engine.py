@@ -70,6 +70,36 @@ def test_engine_answers_like_transformers_generate_with_slots_refilled(tiny):
     assert [until_eos(a, eos_ids) for a in got] == expected
 
 
+class CountsDecodeRows(torch.nn.Module):
+    """The tiny model, noting how many slots each decode step (one token a slot) ran on."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.inner, self.decode_rows = model, []
+        self.config, self.generation_config = model.config, model.generation_config
+
+    device = property(lambda self: self.inner.device)
+    dtype = property(lambda self: self.inner.dtype)
+
+    def forward(self, input_ids, **kwargs):
+        if input_ids.shape[1] == 1:
+            self.decode_rows.append(input_ids.shape[0])
+        return self.inner(input_ids=input_ids, **kwargs)
+
+
+def test_once_no_prompt_waits_the_step_shrinks_to_the_busy_slots_moved_to_the_front(tiny):
+    model, tok = tiny
+    prompts = tiny_prompts(40, seed=3)
+    eos_ids = set(range(0, 2048, 8)) | eos_token_ids(model, tok)
+    expected = reference_answers(model, prompts, tok.pad_token_id, eos_ids, max_new_tokens=16)
+    counting = CountsDecodeRows(model)
+    got = generate(counting, prompts, pad_token_id=tok.pad_token_id, max_new_tokens=16, eos_ids=eos_ids,
+                   batch_size=32, progress=False)
+    assert [until_eos(a, eos_ids) for a in got] == expected  # moved slots go on with their own sequences
+    sizes = counting.decode_rows
+    assert sizes[0] == 32 and {16, 8} <= set(sizes) and sizes == sorted(sizes, reverse=True)
+
+
 class RunsOutOfMemory(torch.nn.Module):
     """The tiny model on a 'GPU' that holds at most `limit` sequences a pass: larger passes raise
     the error torch raises when CUDA memory runs out."""

@@ -9,8 +9,11 @@ Generation runs on a fixed set of `slots`, one sequence each, over a static KV c
   value are written at that slot's own column, and a boolean mask lets each slot attend to its
   own columns only. Slots are independent, so a slot whose answer ended (EOS or max_new_tokens)
   is refilled with the next prompt while the others go on: no finished row keeps costing.
-- Every tensor of the step has a fixed shape, so on a GPU the step is captured once as a CUDA
-  graph and replayed: one launch per token instead of a few thousand kernel launches from Python.
+- Every tensor of the step has a fixed shape, so on a GPU the step is captured as a CUDA graph
+  and replayed: one launch per token instead of a few thousand kernel launches from Python.
+- Once no prompt waits, the busy slots are moved to the front and the step runs on the smallest
+  power-of-two share of the slots that holds them (its own graph): the last answers' tail costs
+  what they need, not a full batch.
 - Decode attention is grouped-query attention as two batched matmuls over the cache (no copy of
   the key/value heads per query head); the prefill and scoring passes use PyTorch's SDPA.
 
@@ -37,6 +40,7 @@ ATTENTION = "titletune_decode"  # the attention implementation models are loaded
 CPU_SLOTS = 64          # slots on a CPU when batch_size is auto
 MAX_GPU_SLOTS = 512     # beyond this a decode step is compute-bound: more slots add latency, not speed
 PREFILL_TOKENS = 16384  # prompt tokens per prefill pass (padding included)
+MIN_STEP_SLOTS = 8      # the smallest decode step the busy slots shrink to (below it a step costs the same)
 
 
 def pad_batch(seqs: list[list[int]], pad_token_id: int, side: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -125,12 +129,20 @@ class SlotCache:
     """A static KV cache of `slots` rows x `length` columns per layer. `update` (called by each
     attention layer during a decode step) writes the new key and value at each slot's own column."""
 
-    def __init__(self, config, slots: int, length: int, dtype, device):
-        layers, heads, dim = self.layout(config)
-        self.keys = [torch.zeros(slots, heads, length, dim, dtype=dtype, device=device) for _ in range(layers)]
-        self.values = [torch.zeros(slots, heads, length, dim, dtype=dtype, device=device) for _ in range(layers)]
-        self.rows = torch.arange(slots, device=device)
-        self.column = torch.zeros(slots, dtype=torch.long, device=device)  # where the next token goes
+    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], column: torch.Tensor):
+        self.keys, self.values, self.column = keys, values, column  # column: where each slot's next token goes
+        self.rows = torch.arange(len(column), device=column.device)
+
+    @classmethod
+    def allocate(cls, config, slots: int, length: int, dtype, device) -> SlotCache:
+        layers, heads, dim = cls.layout(config)
+        return cls([torch.zeros(slots, heads, length, dim, dtype=dtype, device=device) for _ in range(layers)],
+                   [torch.zeros(slots, heads, length, dim, dtype=dtype, device=device) for _ in range(layers)],
+                   torch.zeros(slots, dtype=torch.long, device=device))
+
+    def first(self, n: int) -> SlotCache:
+        """The first n slots: views into the same memory."""
+        return SlotCache([k[:n] for k in self.keys], [v[:n] for v in self.values], self.column[:n])
 
     def update(self, key, value, layer_idx, cache_kwargs=None):
         self.keys[layer_idx][self.rows, :, self.column] = key[:, :, 0]
@@ -143,6 +155,9 @@ class SlotCache:
             done = prefill_cache.layers[layer]
             k[slots, :, :done.keys.shape[2]] = done.keys
             v[slots, :, :done.values.shape[2]] = done.values
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [*self.keys, *self.values, self.column]
 
     @staticmethod
     def layout(config) -> tuple[int, int, int]:
@@ -157,77 +172,142 @@ class SlotCache:
         return 2 * layers * heads * dim * length * dtype.itemsize
 
 
+class Slots:
+    """Each slot's sequence: its cache rows, first real column (left padding), last token, tokens
+    generated so far, whether it is still answering, and the answer (last column: a sink that
+    inactive slots write into)."""
+
+    def __init__(self, cache: SlotCache, start, tokens, count, active, out):
+        self.cache, self.start, self.tokens, self.count, self.active, self.out = cache, start, tokens, count, active, out
+
+    @classmethod
+    def allocate(cls, model, slots: int, length: int, max_new_tokens: int) -> Slots:
+        device = model.device
+        zeros = lambda *shape, dtype=torch.long: torch.zeros(*shape, dtype=dtype, device=device)  # noqa: E731
+        return cls(SlotCache.allocate(model.config, slots, length, model.dtype, device), zeros(slots), zeros(slots),
+                   zeros(slots), zeros(slots, dtype=torch.bool), zeros(slots, max_new_tokens + 1))
+
+    def first(self, n: int) -> Slots:
+        """The first n slots: views, so that a step over them writes into the whole engine's state."""
+        return Slots(self.cache.first(n), self.start[:n], self.tokens[:n], self.count[:n], self.active[:n],
+                     self.out[:n])
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [*self.cache.tensors(), self.start, self.tokens, self.count, self.active, self.out]
+
+    def move(self, src: list[int], dst: list[int]) -> None:
+        """Copy the sequences of slots src into slots dst (src's slots then count as ended)."""
+        src_rows, dst_rows = (torch.tensor(rows, device=self.start.device) for rows in (src, dst))
+        for t in self.tensors():
+            t[dst_rows] = t[src_rows]
+        self.active[src_rows] = False
+
+
 class Engine:
-    """The state of one generate() call: the slots, their cache and the (graphed) decode step."""
+    """The state of one generate() call: the slots, their cache and the decode step, which runs on
+    the first `size` slots: all of them while prompts wait; once none waits, the busy slots are
+    moved to the front and the step shrinks to the smallest of `sizes` that holds them, so that an
+    answer's tail costs what its busy slots need, not the whole batch. On a GPU each size's step is
+    captured as a CUDA graph the first time it runs (vLLM captures per batch size the same way)."""
 
     def __init__(self, model, slots: int, length: int, max_new_tokens: int, eos_ids: set[int], sample):
-        self.model, self.slots, self.length, self.max_new = model, slots, length, max_new_tokens
-        device, dtype = model.device, model.dtype
-        self.cache = SlotCache(model.config, slots, length, dtype, device)
-        self.columns = torch.arange(length, device=device)
-        self.start = torch.zeros(slots, dtype=torch.long, device=device)   # first real column (left padding)
-        self.tokens = torch.zeros(slots, dtype=torch.long, device=device)  # each slot's last token
-        self.count = torch.zeros(slots, dtype=torch.long, device=device)   # tokens generated so far
-        self.active = torch.zeros(slots, dtype=torch.bool, device=device)
-        self.out = torch.zeros(slots, max_new_tokens + 1, dtype=torch.long, device=device)  # last column: a sink
-        self.eos = torch.tensor(sorted(eos_ids) or [-1], device=device)
+        self.model, self.slots, self.max_new = model, slots, max_new_tokens
+        self.state = Slots.allocate(model, slots, length, max_new_tokens)
+        self.columns = torch.arange(length, device=model.device)
+        self.eos = torch.tensor(sorted(eos_ids) or [-1], device=model.device)
         self.sample = sample  # None: greedy, inside the step; else a function of the logits
-        self.graph = None
+        self.size = slots
+        self.sizes = [n for n in (slots >> k for k in range(slots.bit_length())) if n >= MIN_STEP_SLOTS] or [slots]
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.use_graphs = model.device.type == "cuda" and sample is None
 
-    def step(self) -> torch.Tensor | None:
+    # the step over the first n slots (views of the engine's state)
+    def step(self, slots: Slots) -> torch.Tensor | None:
         """One token for every slot (inactive slots compute too, and write only into their own row).
         Greedy: recorded inside the step (so a CUDA graph holds it all); sampling: the logits returned."""
-        cache = self.cache
-        mask = (self.columns >= self.start[:, None]) & (self.columns <= cache.column[:, None])
-        logits = self.model(input_ids=self.tokens[:, None], attention_mask=mask[:, None, None, :],
-                            position_ids=(cache.column - self.start)[:, None], past_key_values=cache,
+        cache = slots.cache
+        mask = (self.columns >= slots.start[:, None]) & (self.columns <= cache.column[:, None])
+        logits = self.model(input_ids=slots.tokens[:, None], attention_mask=mask[:, None, None, :],
+                            position_ids=(cache.column - slots.start)[:, None], past_key_values=cache,
                             use_cache=True).logits[:, -1]
         if self.sample is not None:
             return logits
-        self.record(logits.argmax(-1))
+        self.record(slots, logits.argmax(-1))
         return None
 
-    def record(self, new: torch.Tensor) -> None:
+    def record(self, slots: Slots, new: torch.Tensor) -> None:
         """Append the new tokens of the active slots; a slot that reached EOS or max_new_tokens ends."""
-        new = torch.where(self.active, new, self.tokens)
-        self.out[self.cache.rows, torch.where(self.active, self.count, self.max_new)] = new
-        self.tokens.copy_(new)
-        self.cache.column.add_(self.active.long())
-        self.count.add_(self.active.long())
-        ended = self.is_eos(new) | (self.count >= self.max_new)
-        self.active.logical_and_(~ended)
+        new = torch.where(slots.active, new, slots.tokens)
+        slots.out[slots.cache.rows, torch.where(slots.active, slots.count, self.max_new)] = new
+        slots.tokens.copy_(new)
+        slots.cache.column.add_(slots.active.long())
+        slots.count.add_(slots.active.long())
+        ended = self.is_eos(new) | (slots.count >= self.max_new)
+        slots.active.logical_and_(~ended)
 
     def is_eos(self, tokens: torch.Tensor) -> torch.Tensor:
         """A comparison with every end-of-answer id (torch.isin may sort, and sync, on long lists)."""
         return (tokens[:, None] == self.eos[None, :]).any(-1)
 
-    def capture(self) -> None:
-        """Record the decode step as a CUDA graph (after warm-up runs on a side stream)."""
-        if not self.model.device.type == "cuda" or self.sample is not None:
-            return
-        saved = [t.clone() for t in (self.tokens, self.count, self.active, self.cache.column, self.out)]
+    def capture(self, n: int) -> torch.cuda.CUDAGraph:
+        """Record the step over the first n slots as a CUDA graph, after warm-up runs on a side stream
+        (two before the first graph, one before each later one); all graphs share one memory pool."""
+        slots = self.state.first(n)
+        # what the step changes besides the cache (whose writes at each slot's next column are rewritten
+        # by the real step before anything reads them)
+        state = [slots.cache.column, slots.tokens, slots.count, slots.active, slots.out]
+        saved = [t.clone() for t in state]
+        pool = next(iter(self.graphs.values())).pool() if self.graphs else None
         try:
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
-                for _ in range(2):
-                    self.step()
+                for _ in range(1 if self.graphs else 2):
+                    self.step(slots)
             torch.cuda.current_stream().wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                self.step()
-            self.graph = graph
+            with torch.cuda.graph(graph, pool=pool):
+                self.step(slots)
+            return graph
         finally:
-            for t, s in zip((self.tokens, self.count, self.active, self.cache.column, self.out), saved):
+            for t, s in zip(state, saved):
                 t.copy_(s)  # the warm-up and capture ran the step: undo its writes
 
+    def graph(self, n: int) -> torch.cuda.CUDAGraph | None:
+        """The captured step over n slots, captured now if it is new; None where it runs eagerly."""
+        if self.use_graphs and n not in self.graphs:
+            try:
+                self.graphs[n] = self.capture(n)
+            except torch.OutOfMemoryError:
+                raise
+            except RuntimeError as err:  # a model whose forward cannot be captured still generates, eagerly
+                self.use_graphs = False
+                tqdm.write(f"generation: the decode step runs without a CUDA graph "
+                           f"({str(err).splitlines()[0][:200]})", file=sys.stderr)
+        return self.graphs.get(n)
+
     def decode(self) -> None:
-        if self.graph is not None:
-            self.graph.replay()
+        graph = self.graph(self.size)
+        if graph is not None:
+            graph.replay()
             return
-        logits = self.step()
+        slots = self.state.first(self.size)
+        logits = self.step(slots)
         if self.sample is not None:
-            self.record(self.sample(logits))
+            self.record(slots, self.sample(logits))
+
+    def shrink(self, busy: list[int]) -> list[tuple[int, int]]:
+        """Once no prompt waits: the step's size becomes the smallest that holds the busy slots, the
+        busy slots beyond it moved into free slots before it. Returns the moves (from, to)."""
+        size = min((n for n in self.sizes if n >= len(busy)), default=self.size)
+        if size >= self.size:
+            return []
+        src = [s for s in busy if s >= size]
+        dst = sorted(set(range(size)) - set(busy))[:len(src)]
+        if src:
+            self.state.move(src, dst)
+        self.size = size
+        return list(zip(src, dst))
 
     def prefill(self, prompts: list[list[int]], slots: list[int], pad_token_id: int) -> None:
         """Run the prompts (left padded) through the model and start them in these slots."""
@@ -238,15 +318,15 @@ class Engine:
         prefill_cache = DynamicCache(config=self.model.config)
         logits = self.model(input_ids=ids, attention_mask=attention, position_ids=positions,
                             past_key_values=prefill_cache, use_cache=True, logits_to_keep=1).logits[:, -1]
-        rows = torch.tensor(slots, device=self.model.device)
+        rows, state = torch.tensor(slots, device=self.model.device), self.state
         first = logits.argmax(-1) if self.sample is None else self.sample(logits)
-        self.cache.fill(rows, prefill_cache)
-        self.start[rows] = ids.shape[1] - attention.sum(-1)
-        self.cache.column[rows] = ids.shape[1]  # the first new token's key and value go here
-        self.tokens[rows] = first
-        self.out[rows, 0] = first
-        self.count[rows] = 1
-        self.active[rows] = ~(self.is_eos(first) | (self.max_new <= 1))
+        state.cache.fill(rows, prefill_cache)
+        state.start[rows] = ids.shape[1] - attention.sum(-1)
+        state.cache.column[rows] = ids.shape[1]  # the first new token's key and value go here
+        state.tokens[rows] = first
+        state.out[rows, 0] = first
+        state.count[rows] = 1
+        state.active[rows] = ~(self.is_eos(first) | (self.max_new <= 1))
 
 
 def sampler(do_sample: bool, temperature: float, top_p: float):
@@ -318,14 +398,6 @@ def _run(model, prompts, results, slots, length, max_new_tokens, eos_ids, sample
     """Fill slots with the prompts not answered yet, longest first, until every prompt has its answer."""
     pending = deque(sorted((i for i, r in enumerate(results) if r is None), key=lambda i: -len(prompts[i])))
     engine = Engine(model, slots, length, max_new_tokens, eos_ids, sample)
-    try:
-        engine.capture()
-    except torch.OutOfMemoryError:
-        raise
-    except RuntimeError as err:  # a model whose forward cannot be captured still generates, eagerly
-        engine.graph = None
-        tqdm.write(f"generation: the decode step runs without a CUDA graph ({str(err).splitlines()[0][:200]})",
-                   file=sys.stderr)
     owner = [-1] * slots  # the prompt each slot is answering
     shown = [0] * slots   # tokens of its answer passed to on_token
     refill_at = max(1, slots // 8)  # refill when this many slots are free (or none is busy)
@@ -340,17 +412,21 @@ def _run(model, prompts, results, slots, length, max_new_tokens, eos_ids, sample
                 for s, i in zip(into, take):
                     owner[s], shown[s] = i, 0
         else:
+            if not pending:
+                for src, dst in engine.shrink([s for s in range(slots) if owner[s] >= 0]):
+                    owner[dst], shown[dst], owner[src] = owner[src], shown[src], -1
             engine.decode()
-        active = engine.active.tolist()  # the one sync a step
+        state = engine.state
+        active = state.active.tolist()  # the one sync a step
         if on_token is not None:
-            counts, tokens = engine.count.tolist(), engine.tokens.tolist()
+            counts, tokens = state.count.tolist(), state.tokens.tolist()
             for s in range(slots):
                 if owner[s] >= 0 and counts[s] > shown[s]:
                     shown[s] = counts[s]
                     on_token(owner[s], tokens[s])
         ended = [s for s in range(slots) if owner[s] >= 0 and not active[s]]
         if ended:
-            counts, out = engine.count.tolist(), engine.out
+            counts, out = state.count.tolist(), state.out
             for s in ended:
                 i, owner[s] = owner[s], -1
                 results[i] = out[s, :counts[s]].tolist()

@@ -12,8 +12,10 @@ model trained a few hundred steps first.
    tokens, each in a process of its own: `before` (Unsloth's from_pretrained + PeftModel +
    for_inference, transformers' generate on batches of 64: evaluate's path until the engine),
    `transformers` (the engine's own model, loaded by load_for_generation, answered by transformers'
-   generate on batches of 64) and `engine`. The report: the share of identical answers of the
-   engine with each, and evaluate's metrics (with the reference NLL) from all three.
+   generate on batches of 64) and `engine`; then `transformers` and `engine` again in float32
+   (`:float32`), where no bf16 rounding tells the two apart. The report: the share of identical
+   answers of the engine with each path of its dtype, and evaluate's metrics (with the reference
+   NLL) from all of them.
 
 On an H100 the `before` path's model scored the references at 1.75 nats a token where the same
 adapter through transformers + PEFT (merged or not) scored 0.98 (training's own val loss: 1.08):
@@ -60,6 +62,7 @@ def build(work: Path, shape: dict) -> None:
 def answers(path: str, repo: Path) -> dict:
     """One path's answers and metrics for the whole test split (run in a process of its own)."""
     os.chdir(repo)
+    path, _, dtype = path.partition(":")
     import torch
     from titletune.generation.engine import eos_token_ids, generate, prompt_ids, reference_nll, until_eos
     from titletune.generation.metrics import score
@@ -69,6 +72,8 @@ def answers(path: str, repo: Path) -> dict:
     from generation_speed import before_generate, load
     model_params = load_params("model")
     model, tok = load("before" if path == "before" else "engine", Path(model_params.name), repo / "models/adapter")
+    if dtype:
+        model = model.to(getattr(torch, dtype))
     examples = load_formatted(repo / "data/formatted")["test"]
     prompts, eos_ids = prompt_ids(examples), eos_token_ids(model, tok)
     start = time.perf_counter()
@@ -83,7 +88,7 @@ def answers(path: str, repo: Path) -> dict:
     ids = [until_eos(a, eos_ids) for a in new]
     texts = [tok.decode(a, skip_special_tokens=True).strip() for a in ids]
     nll, n = reference_nll(model, examples, pad_token_id=tok.pad_token_id, batch_size=64, progress=False)
-    return {"path": path, "ids": ids, "seconds": seconds,
+    return {"path": f"{path}:{dtype}" if dtype else path, "ids": ids, "seconds": seconds,
             "metrics": score(texts, examples["content"], list(map(len, ids)), nll, n)}
 
 
@@ -119,7 +124,7 @@ def main() -> None:
         subprocess.run([sys.executable, "-m", f"stages.{cmd[0]}", *cmd[1:]], cwd=repo, env=env, check=True)
         timings[cmd[0]] = time.perf_counter() - start
     paths = {}
-    for path in ("before", "transformers", "engine"):
+    for path in ("before", "transformers", "engine", "transformers:float32", "engine:float32"):
         proc = subprocess.run([sys.executable, __file__, "--path", path, "--work", str(args.work), "--out", "-"],
                               env=env, capture_output=True, text=True)
         if proc.returncode:
@@ -131,11 +136,12 @@ def main() -> None:
               "train": json.loads((repo / "metrics/train.json").read_text()), "stage_seconds": timings,
               "prompts": len(paths["engine"]["ids"]),
               "command": "python benchmarks/engine_parity.py " + " ".join(sys.argv[1:])}
-    engine = paths["engine"]
     for name, other in paths.items():
         report[f"metrics_{name}"] = other["metrics"]
         report.setdefault("seconds", {})[name] = other["seconds"]
-        if name != "engine":  # the engine against this path: identical answers, metrics' relative difference
+        kind, _, dtype = name.partition(":")
+        engine = paths[":".join(filter(None, ["engine", dtype]))]
+        if kind != "engine":  # the engine against this path: identical answers, metrics' relative difference
             same = sum(a == b for a, b in zip(other["ids"], engine["ids"]))
             report[f"engine_vs_{name}"] = {
                 "identical_answers": same, "identical_share": same / len(engine["ids"]),

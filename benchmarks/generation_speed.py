@@ -186,8 +186,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=64, help="the before path's batch (evaluate's default: 64)")
     ap.add_argument("--slots", type=int, help="the engine's slots (default: auto)")
     ap.add_argument("--split-prompts", type=int, default=0,
-                    help="also time the engine (tuned) on this many prompts of the largest shape: the basis "
-                         "for the time of evaluate.max_samples 0 on the full corpus's test split")
+                    help="also time the engine (tuned, EOS held off and on) on this many prompts of the largest "
+                         "shape: the basis for the time of evaluate.max_samples 0 on the full corpus's test split")
     ap.add_argument("--work", default="/tmp/titletune-bench", help="where random-init models are written")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/generation_speed_cpu.jsonl")
     # one measurement (the driver runs each in a process of its own)
@@ -213,8 +213,8 @@ def main() -> None:
                 cases += [(shape, "engine", True, False, args.prompts), (shape, "engine", True, True, args.prompts)]
         if shape:
             build_shape(shape, Path(args.work) / shape)
-    if args.split_prompts:
-        cases.append(((args.shape or [None])[-1], "engine", True, False, args.split_prompts))
+    if args.split_prompts:  # EOS held off (the full split's time) and on (the tail is a smaller part of a long run)
+        cases += [((args.shape or [None])[-1], "engine", True, eos, args.split_prompts) for eos in (False, True)]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     failed = []  # a failed measurement is reported and the others still run (one GPU call is precious)
     for shape, path, adapter, eos, prompts in cases:

@@ -18,7 +18,7 @@ line: convert it), and an output over MAX_EXPANSION times the source file (a zip
 """
 from __future__ import annotations
 
-from titletune.cli import UserError, atomic_path, command_line, run_main
+from titletune.cli import UserError, atomic_path, command_line, overlap, run_main
 
 ARGUMENTS = "[SOURCE] OUT"
 if __name__ == "__main__":  # before the imports below: a wrong command line is told at once
@@ -221,7 +221,7 @@ def copy_lines(stream, dst, src: Path, kind: str, bar: tqdm) -> tuple[int, int]:
 def main() -> None:
     src, out = command_line(ARGUMENTS)
     src = src or Path(load_params("data").source)
-    if src.resolve() == out.resolve():   # data.source is not on the command line that command_line checks
+    if overlap({"data.source": src, "OUT": out}):   # data.source is not on the command line that command_line checks
         raise UserError(f"{src}: is the output of decompress itself; data.source names the corpus file")
     t0 = time.time()
     with ExitStack() as stack:

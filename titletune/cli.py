@@ -91,13 +91,13 @@ def command_line(arguments: str) -> list[Path | None]:
                 continue
             spare -= name.startswith("[")
             paths[name] = Path(given.pop(0))
-        why = _overlap({name.strip("[]"): path for name, path in paths.items() if path is not None})
+        why = overlap({name.strip("[]"): path for name, path in paths.items() if path is not None})
         if why is None:
             return list(paths.values())
     _fail(f"{usage}  ({why})", EXIT_USER)
 
 
-def _overlap(paths: dict[str, Path]) -> str | None:
+def overlap(paths: dict[str, Path]) -> str | None:
     """Two paths that are one, or one inside the other: an output written there would replace or
     corrupt an input (`ADAPTER_DIR` = `DATA_DIR` replaces the training data with the adapter)."""
     resolved = {name: path.resolve() for name, path in paths.items()}

@@ -156,10 +156,18 @@ def max_positions(model) -> int | None:
     return getattr(config, "max_position_embeddings", None)
 
 
+def prompt_room(model, max_new_tokens: int) -> int | None:
+    """The most prompt tokens that leave max_new_tokens of the model's positions for the answer
+    (None: the model sets no limit)."""
+    positions = max_positions(model)
+    return None if positions is None else positions - max_new_tokens
+
+
 def check_answer_room(model, longest_prompt: int, max_new_tokens: int, key: str, model_name: str) -> None:
     """The longest test prompt and max_new_tokens more fit the model's positions (evaluate, export)."""
-    positions = max_positions(model)
-    if positions is not None and longest_prompt + max_new_tokens > positions:
+    room = prompt_room(model, max_new_tokens)
+    if room is not None and longest_prompt > room:
+        positions = room + max_new_tokens
         raise UserError(f"params.yaml: {key}: {max_new_tokens} is not allowed with {model_name} (must be at most "
                         f"{positions - longest_prompt:,}: its {positions:,} positions less the longest test prompt, "
                         f"{longest_prompt:,} tokens)")

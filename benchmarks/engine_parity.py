@@ -36,10 +36,17 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
+PATHS = ("before", "transformers", "engine", "transformers:float32", "engine:float32")
 SHAPE_1B = dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
                 intermediate_size=8192, head_dim=64, tie_word_embeddings=True)
 SHAPE_MINI = dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                   intermediate_size=256, head_dim=32, tie_word_embeddings=True)  # --mini: a CPU rehearsal
+
+
+def engine_of(path: str) -> str:
+    """The engine path of the same dtype ("transformers:float32" -> "engine:float32")."""
+    _, _, dtype = path.partition(":")
+    return ":".join(filter(None, ["engine", dtype]))
 
 
 def build(work: Path, shape: dict) -> None:
@@ -97,6 +104,7 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("/tmp/titletune-parity"))
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--paths", default=",".join(PATHS), help=f"which of {', '.join(PATHS)} (each with the engine of its dtype)")
     ap.add_argument("--mini", action="store_true", help="a tiny shape instead of 1B: rehearse the command on CPU")
     ap.add_argument("--path", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -124,7 +132,8 @@ def main() -> None:
         subprocess.run([sys.executable, "-m", f"stages.{cmd[0]}", *cmd[1:]], cwd=repo, env=env, check=True)
         timings[cmd[0]] = time.perf_counter() - start
     paths = {}
-    for path in ("before", "transformers", "engine", "transformers:float32", "engine:float32"):
+    chosen = set(args.paths.split(","))
+    for path in [p for p in PATHS if p in chosen | {engine_of(c) for c in chosen}]:
         proc = subprocess.run([sys.executable, __file__, "--path", path, "--work", str(args.work), "--out", "-"],
                               env=env, capture_output=True, text=True)
         if proc.returncode:
@@ -134,14 +143,13 @@ def main() -> None:
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
     report = {"device": device, "steps": args.steps,
               "train": json.loads((repo / "metrics/train.json").read_text()), "stage_seconds": timings,
-              "prompts": len(paths["engine"]["ids"]),
+              "prompts": len(next(iter(paths.values()))["ids"]),
               "command": "python benchmarks/engine_parity.py " + " ".join(sys.argv[1:])}
     for name, other in paths.items():
         report[f"metrics_{name}"] = other["metrics"]
         report.setdefault("seconds", {})[name] = other["seconds"]
-        kind, _, dtype = name.partition(":")
-        engine = paths[":".join(filter(None, ["engine", dtype]))]
-        if kind != "engine":  # the engine against this path: identical answers, metrics' relative difference
+        engine = paths[engine_of(name)]
+        if engine is not other:  # the engine against this path: identical answers, metrics' relative difference
             same = sum(a == b for a, b in zip(other["ids"], engine["ids"]))
             report[f"engine_vs_{name}"] = {
                 "identical_answers": same, "identical_share": same / len(engine["ids"]),

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from titletune.cli import UserError, run_main
 from titletune.generation.engine import eos_token_ids, generate, generation_kwargs, load_for_generation
-from titletune.modeling import prompt_room
+from titletune.modeling import prompt_room, prompt_too_long
 from titletune.params import load_params
 from titletune.prompt import encode_prompts
 
@@ -52,14 +52,6 @@ def check_question(where: str, question: str) -> None:
     bad = next((ch for ch in question if "\udc80" <= ch <= "\udcff"), None)   # a byte surrogateescape kept
     if bad is not None:
         raise UserError(f"{where}: not UTF-8 (byte 0x{ord(bad) - 0xdc00:02x})")
-
-
-def check_length(where: str, prompt_tokens: int, room: int | None, max_new_tokens: int, model: str) -> None:
-    """The prompt fits the model's positions with max_new_tokens after it (room: modeling.prompt_room)."""
-    if room is not None and prompt_tokens > room:
-        raise UserError(f"{where}: too long: {prompt_tokens:,} tokens with the prompt, where {model} holds "
-                        f"{room + max_new_tokens:,} positions, {max_new_tokens:,} of them for the answer "
-                        f"(evaluate.max_new_tokens): at most {room:,}")
 
 
 def main() -> None:
@@ -95,7 +87,9 @@ def main() -> None:
             check_question(where, question)
             # the question is text, as the titles were in training: a `</s>` in it stays characters
             ids = encode_prompts(tokenizer, [question], fmt.style)[0]
-            check_length(where, len(ids), prompt_room(model, ep.max_new_tokens), ep.max_new_tokens, model_params.name)
+            why = prompt_too_long(len(ids), prompt_room(model, ep.max_new_tokens), ep.max_new_tokens, model_params.name)
+            if why:
+                raise UserError(f"{where}: {why}")
         except UserError as err:
             if args.question is not None:
                 raise

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -182,6 +183,7 @@ def test_csv_with_the_merged_model(predict_repo, evaluated, tmp_path):
         writer.writerow(["title", "question", "uid"])
         for e in evaluated:
             writer.writerow([e["title"], e["question"], e["uid"]])
+        writer.writerow(["Kettle", "Is {title} " + "really " * 1200 + "good?", "too-long"])  # > 1,024 positions
         f.write("only one field\n")
     out = tmp_path / "answers.jsonl"
     proc = run(predict_cmd(path, out, "--model", "models/merged"), predict_repo, env=env_for(predict_repo),
@@ -189,7 +191,11 @@ def test_csv_with_the_merged_model(predict_repo, evaluated, tmp_path):
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["uid"] for r in rows] == [e["uid"] for e in evaluated]
     assert [r["answer"] for r in rows] == [e["tuned"] for e in evaluated]
-    assert f"products.csv: line {len(evaluated) + 2}: 1 fields where the header has 3; skipped" in proc.stderr
+    assert re.search(rf"products.csv: line {len(evaluated) + 2}: question: too long: [\d,]+ tokens with the prompt, "
+                     r"where \S*models/merged holds 1,024 positions, 16 of them for the answer \(evaluate.max_new_tokens\): "
+                     r"at most 1,008; skipped", proc.stderr), proc.stderr[-2000:]
+    assert f"products.csv: line {len(evaluated) + 3}: 1 fields where the header has 3; skipped" in proc.stderr
+    assert "1 row too long for the model skipped (listed above)" in proc.stdout
 
 
 def start(cmd: list, repo: Path) -> subprocess.Popen:

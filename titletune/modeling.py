@@ -163,6 +163,15 @@ def prompt_room(model, max_new_tokens: int) -> int | None:
     return None if positions is None else positions - max_new_tokens
 
 
+def prompt_too_long(prompt_tokens: int, room: int | None, max_new_tokens: int, model_name: str) -> str | None:
+    """Why a prompt of prompt_tokens cannot be answered (room: prompt_room), or None if it fits
+    (scripts/ask.py refuses the question, predict skips the row)."""
+    if room is None or prompt_tokens <= room:
+        return None
+    return (f"too long: {prompt_tokens:,} tokens with the prompt, where {model_name} holds {room + max_new_tokens:,} "
+            f"positions, {max_new_tokens:,} of them for the answer (evaluate.max_new_tokens): at most {room:,}")
+
+
 def check_answer_room(model, longest_prompt: int, max_new_tokens: int, key: str, model_name: str) -> None:
     """The longest test prompt and max_new_tokens more fit the model's positions (evaluate, export)."""
     room = prompt_room(model, max_new_tokens)

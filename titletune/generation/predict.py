@@ -257,12 +257,19 @@ def questions_for(rows: list[Row], fmt) -> list[str]:
             else pick_question(fmt.questions, str(row.uid)).format(title=row.title[:cap]) for row in rows]
 
 
-def answer_chunk(model, tokenizer, rows: list[Row], number: int, fmt, ep, eos_ids: set[int]) -> list[dict]:
-    """The output rows of one chunk: uid, title, answer and its token count (up to EOS)."""
+def answer_chunk(model, tokenizer, rows: list[Row], number: int, fmt, ep, eos_ids: set[int],
+                 model_name: str) -> tuple[list[dict], list[tuple[Row, str]]]:
+    """The output rows of one chunk (uid, title, answer and its token count up to EOS), and the
+    rows skipped with why: a prompt too long for the model's positions (modeling.prompt_too_long)."""
     import torch
 
     from titletune.generation.engine import SAMPLING_SEED, generate, generation_kwargs, until_eos
+    from titletune.modeling import prompt_room, prompt_too_long
     prompts = encode_prompts(tokenizer, questions_for(rows, fmt), fmt.style)
+    room = prompt_room(model, ep.max_new_tokens)
+    why = [prompt_too_long(len(ids), room, ep.max_new_tokens, model_name) for ids in prompts]
+    skipped = [(row, f"{'question' if row.question else 'title'}: {w}") for row, w in zip(rows, why) if w]
+    rows, prompts = [r for r, w in zip(rows, why) if not w], [p for p, w in zip(prompts, why) if not w]
     # Seeded per chunk: a resumed or data-parallel run samples what a single uninterrupted one does.
     torch.manual_seed(SAMPLING_SEED + number)
     new_ids = generate(model, prompts, pad_token_id=tokenizer.pad_token_id, eos_ids=eos_ids, progress=False,
@@ -270,7 +277,7 @@ def answer_chunk(model, tokenizer, rows: list[Row], number: int, fmt, ep, eos_id
     answers = [until_eos(ids, eos_ids) for ids in new_ids]
     return [{"uid": row.uid, "title": row.title,
              "answer": tokenizer.decode(ids, skip_special_tokens=True).strip(), "tokens": len(ids)}
-            for row, ids in zip(rows, answers)]
+            for row, ids in zip(rows, answers)], skipped
 
 
 def write_part(path: Path, rows: list[dict]) -> None:
@@ -310,15 +317,17 @@ def rank_rows(total_rows: int, chunk_rows: int, rank: int, world: int) -> int:
     return sum(min(chunk_rows, total_rows - c * chunk_rows) for c in range(rank, -(-total_rows // chunk_rows), world))
 
 
-def answer_all(model, tokenizer, input_path: Path, work: Path, total_rows: int, fmt, pp, ep) -> tuple[int, int, int]:
+def answer_all(model, tokenizer, input_path: Path, work: Path, total_rows: int, params) -> tuple[int, int, int, int]:
     """This rank's chunks that have no part yet, each answered and written as its part; a bar of
-    rows with tokens/s (rank 0's). Returns the (rows, tokens, parts) generated here."""
+    rows with tokens/s (rank 0's); each row too long for the model listed on stderr. Returns the
+    (rows, tokens, parts, skipped rows) of this run on this rank."""
     from tqdm import tqdm
 
     from titletune.generation.engine import eos_token_ids
+    model_params, fmt, ep, pp = params
     eos_ids = eos_token_ids(model, tokenizer)
     mine, world = rank(), world_size()
-    rows_done = tokens = parts = 0
+    rows_done = tokens = parts = skipped = 0
     start = time.perf_counter()
     with tqdm(total=rank_rows(total_rows, pp.chunk_rows, mine, world), desc="predict", unit="row",
               disable=not is_rank0(), smoothing=0) as bar:
@@ -327,27 +336,31 @@ def answer_all(model, tokenizer, input_path: Path, work: Path, total_rows: int, 
                 continue
             part = part_path(work, number)
             if not part.exists():   # else answered by an earlier run
-                answered = answer_chunk(model, tokenizer, rows, number, fmt, ep, eos_ids)
+                answered, too_long = answer_chunk(model, tokenizer, rows, number, fmt, ep, eos_ids, model_params.name)
+                for row, why in too_long:
+                    tqdm.write(f"predict: {input_path}: line {row.line}: {why}; skipped", file=sys.stderr)
                 write_part(part, answered)
-                rows_done, tokens, parts = rows_done + len(rows), tokens + sum(r["tokens"] for r in answered), parts + 1
+                rows_done, tokens, parts = rows_done + len(answered), tokens + sum(r["tokens"] for r in answered), parts + 1
+                skipped += len(too_long)
                 bar.set_postfix_str(f"{tokens / (time.perf_counter() - start):,.0f} tokens/s", refresh=False)
             bar.update(len(rows))
-    return rows_done, tokens, parts
+    return rows_done, tokens, parts, skipped
 
 
 # ---------------------------------------------------------------- the command
 
 def load_predictor(model_params, source: Path | None):
-    """(model, tokenizer) for generation (titletune.generation.engine.load_for_generation): the
-    base model (source None), base + the adapter in `source` (a folder with adapter_config.json,
+    """(model, tokenizer, model params of what loaded) for generation (engine.load_for_generation):
+    the base model (source None), base + the adapter in `source` (a folder with adapter_config.json,
     merged into a working copy) or the full model in `source` (models/merged)."""
     from titletune.generation.engine import load_for_generation
     if source is None or (source / "adapter_config.json").is_file():
-        return load_for_generation(model_params, source)
+        return *load_for_generation(model_params, source), model_params
     if not (source / "config.json").is_file():
         raise UserError(f"{source}: neither a LoRA adapter (adapter_config.json) nor a model folder "
                         "(config.json): pass models/adapter, models/merged or --base")
-    return load_for_generation(model_params.model_copy(update={"name": str(source)}))
+    full = model_params.model_copy(update={"name": str(source)})
+    return *load_for_generation(full), full
 
 
 def check_input(input_path: Path, output: Path, source: Path | None, overwrite: bool) -> Scan:
@@ -381,10 +394,11 @@ def predict(input_path: Path, output: Path, source: Path | None, found: Scan, pa
     barrier()  # the work folder exists before any rank writes into it
 
     with contextlib.chdir(root):
-        model, tokenizer = load_predictor(model_params, source)
+        model, tokenizer, loaded = load_predictor(model_params, source)
     start = time.perf_counter()
     try:
-        rows_done, tokens, parts = answer_all(model, tokenizer, input_path, work, found.rows, fmt, pp, ep)
+        rows_done, tokens, parts, too_long = answer_all(model, tokenizer, input_path, work, found.rows,
+                                                        (loaded, fmt, ep, pp))
     except KeyboardInterrupt:
         parts = len(list(work.glob("part-*.jsonl")))
         raise Interrupted(f"interrupted; {parts} of {n_chunks} parts are done in {work}: run the same "
@@ -394,13 +408,15 @@ def predict(input_path: Path, output: Path, source: Path | None, found: Scan, pa
         print(f"predict: rank {rank()} of {world_size()} answered {parts} parts ({rows_done:,} rows)",
               flush=True)
     barrier()  # every part is written
-    rows_done, tokens = sum_over_ranks(rows_done, tokens)
+    rows_done, tokens, too_long = sum_over_ranks(rows_done, tokens, too_long)
     finish()
     if not is_rank0():
         return
     join_parts(work, n_chunks, output)
     skipped = (f", {found.bad_count:,} malformed line{'s' * (found.bad_count > 1)} skipped (listed above)"
                if found.bad_count else "")
+    skipped += (f", {too_long:,} row{'s' * (too_long > 1)} too long for the model skipped (listed above)"
+                if too_long else "")
     earlier = f"; {resumed} of {n_chunks} parts from an earlier run" if resumed else ""
     print(f"predict: {found.rows:,} rows -> {output}{skipped}; {rows_done:,} answered in {seconds:.1f} s, "
           f"{tokens:,} tokens ({tokens / max(seconds, 1e-9):,.0f} tokens/s){earlier}", flush=True)

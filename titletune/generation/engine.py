@@ -129,20 +129,22 @@ class SlotCache:
     """A static KV cache of `slots` rows x `length` columns per layer. `update` (called by each
     attention layer during a decode step) writes the new key and value at each slot's own column."""
 
-    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], column: torch.Tensor):
-        self.keys, self.values, self.column = keys, values, column  # column: where each slot's next token goes
-        self.rows = torch.arange(len(column), device=column.device)
+    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], column: torch.Tensor, rows: torch.Tensor):
+        self.keys, self.values = keys, values
+        self.column = column  # where each slot's next token goes
+        self.rows = rows      # 0, 1, ..., slots - 1
 
     @classmethod
     def allocate(cls, config, slots: int, length: int, dtype, device) -> SlotCache:
         layers, heads, dim = cls.layout(config)
         return cls([torch.zeros(slots, heads, length, dim, dtype=dtype, device=device) for _ in range(layers)],
                    [torch.zeros(slots, heads, length, dim, dtype=dtype, device=device) for _ in range(layers)],
-                   torch.zeros(slots, dtype=torch.long, device=device))
+                   torch.zeros(slots, dtype=torch.long, device=device), torch.arange(slots, device=device))
 
     def first(self, n: int) -> SlotCache:
-        """The first n slots: views into the same memory."""
-        return SlotCache([k[:n] for k in self.keys], [v[:n] for v in self.values], self.column[:n])
+        """The first n slots: views into the same memory. Nothing new is allocated: a CUDA graph
+        captured over a view reads these addresses on every replay, after the view is gone."""
+        return SlotCache([k[:n] for k in self.keys], [v[:n] for v in self.values], self.column[:n], self.rows[:n])
 
     def update(self, key, value, layer_idx, cache_kwargs=None):
         self.keys[layer_idx][self.rows, :, self.column] = key[:, :, 0]

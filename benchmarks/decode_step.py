@@ -91,12 +91,13 @@ def main() -> None:
     rows = []
     for shape in args.shape:
         rows += probe(shape, args.work, args.slots, args.repeat)
-        torch.cuda.empty_cache() if torch.cuda.is_available() else None
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()  # the next shape's model and cache start from free memory
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
+        command = "python benchmarks/decode_step.py " + " ".join(sys.argv[1:])
         with open(args.out, "a") as f:
-            f.writelines(json.dumps(r | {"command": "python benchmarks/decode_step.py " + " ".join(sys.argv[1:])}) + "\n"
-                         for r in rows)
+            f.writelines(json.dumps(r | {"command": command}) + "\n" for r in rows)
 
 
 if __name__ == "__main__":

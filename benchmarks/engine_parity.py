@@ -104,7 +104,8 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("/tmp/titletune-parity"))
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--paths", default=",".join(PATHS), help=f"which of {', '.join(PATHS)} (each with the engine of its dtype)")
+    ap.add_argument("--paths", default=",".join(PATHS),
+                    help=f"which of {', '.join(PATHS)} (each with the engine of its dtype)")
     ap.add_argument("--mini", action="store_true", help="a tiny shape instead of 1B: rehearse the command on CPU")
     ap.add_argument("--path", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -133,7 +134,8 @@ def main() -> None:
         timings[cmd[0]] = time.perf_counter() - start
     paths = {}
     chosen = set(args.paths.split(","))
-    for path in [p for p in PATHS if p in chosen | {engine_of(c) for c in chosen}]:
+    chosen |= {engine_of(path) for path in chosen}
+    for path in [p for p in PATHS if p in chosen]:   # in PATHS' order
         proc = subprocess.run([sys.executable, __file__, "--path", path, "--work", str(args.work), "--out", "-"],
                               env=env, capture_output=True, text=True)
         if proc.returncode:

@@ -11,8 +11,9 @@ is asked its own `question` (a `{title}` in it becomes the title), else the trai
 (params.yaml `format.questions`, rotated by uid as in training), in the training prompt
 (`format.style`), with evaluate's generation settings (max_new_tokens, do_sample, temperature,
 top_p, batch_size). Malformed lines are skipped, counted and listed (the first 20) with their line
-numbers, as are rows whose prompt is too long for the model's positions (listed as they come); a missing, empty or non-UTF-8 file, or a CSV without a title column, stops it before
-anything is written.
+numbers, as are rows whose prompt is too long for the model's positions (listed as they come); a
+missing, empty or non-UTF-8 file, or a CSV without a title column, stops it before anything is
+written.
 
 Interrupted (Ctrl-C, kill, a crash), it resumes: run the same command again. Finished chunks of
 `predict.chunk_rows` rows are kept in OUTPUT.parts/ until OUTPUT is written, all at once.

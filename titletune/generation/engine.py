@@ -180,7 +180,8 @@ class Slots:
     inactive slots write into)."""
 
     def __init__(self, cache: SlotCache, start, tokens, count, active, out):
-        self.cache, self.start, self.tokens, self.count, self.active, self.out = cache, start, tokens, count, active, out
+        self.cache, self.start, self.tokens = cache, start, tokens
+        self.count, self.active, self.out = count, active, out
 
     @classmethod
     def allocate(cls, model, slots: int, length: int, max_new_tokens: int) -> Slots:
@@ -213,7 +214,7 @@ class Engine:
     captured as a CUDA graph the first time it runs (vLLM captures per batch size the same way)."""
 
     def __init__(self, model, slots: int, length: int, max_new_tokens: int, eos_ids: set[int], sample):
-        self.model, self.slots, self.max_new = model, slots, max_new_tokens
+        self.model, self.max_new = model, max_new_tokens
         self.state = Slots.allocate(model, slots, length, max_new_tokens)
         self.columns = torch.arange(length, device=model.device)
         self.eos = torch.tensor(sorted(eos_ids) or [-1], device=model.device)

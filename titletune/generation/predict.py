@@ -340,8 +340,8 @@ def answer_all(model, tokenizer, input_path: Path, work: Path, total_rows: int, 
                 for row, why in too_long:
                     tqdm.write(f"predict: {input_path}: line {row.line}: {why}; skipped", file=sys.stderr)
                 write_part(part, answered)
-                rows_done, tokens, parts = rows_done + len(answered), tokens + sum(r["tokens"] for r in answered), parts + 1
-                skipped += len(too_long)
+                rows_done, skipped, parts = rows_done + len(answered), skipped + len(too_long), parts + 1
+                tokens += sum(r["tokens"] for r in answered)
                 bar.set_postfix_str(f"{tokens / (time.perf_counter() - start):,.0f} tokens/s", refresh=False)
             bar.update(len(rows))
     return rows_done, tokens, parts, skipped

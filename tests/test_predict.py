@@ -199,8 +199,10 @@ def test_csv_with_the_merged_model(predict_repo, evaluated, tmp_path):
 
 
 def start(cmd: list, repo: Path) -> subprocess.Popen:
+    """A run to interrupt, with SIGINT at its default as in a terminal: a shell's background job
+    ignores it, and Python keeps an ignored SIGINT ignored (the run would never see the Ctrl-C)."""
     return subprocess.Popen(cmd, cwd=repo, env=env_for(repo), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+                            text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def parts_once(work: Path, more_than: int, proc: subprocess.Popen, timeout: float = 600) -> int:

@@ -1,9 +1,11 @@
 """A grid sweep: `dvc exp run --queue` with comma-separated `-S` values queues every combination,
-`dvc queue start` runs them one after the other (each in a temporary copy of the repo), and
+`dvc queue start -j 2` runs them two at a time (each in a temporary copy of the repo), and
 `dvc exp show --json` compares them; the data stages are reused from the baseline, never re-run.
 
 Kept cheap: the sweep stops at `train` (its metrics are what the comparison reads) and trains
-2 steps; a 2 x 2 grid (lora_r x learning_rate), 4 runs of about 30 s each on 2 idle cores.
+2 steps; a 2 x 2 grid (lora_r x learning_rate), 4 runs of about 30 s each on 2 idle cores. Two
+workers at a time (no faster on 2 cores): runs in parallel must share one new MLflow store, whose
+creation they once raced for (tracking.sqlite_lock).
 """
 from __future__ import annotations
 
@@ -33,7 +35,7 @@ def test_a_grid_sweep_queues_every_combination_and_compares_them(pipeline_repo, 
     out = run(["dvc", "exp", "run", "--queue", "train", "-S", "train.lora_r=8,16",
                "-S", "train.learning_rate=0.001,0.002"], repo, env=env).stdout
     assert out.count("Queued experiment") == 4, out
-    run(["dvc", "queue", "start"], repo, env=env)
+    run(["dvc", "queue", "start", "-j", "2"], repo, env=env)
     status = wait_for_queue(repo, env, timeout=1500)
     assert status.count("Success") == 4, status
     run(["dvc", "queue", "stop"], repo, env=env, check=False)

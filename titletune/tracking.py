@@ -51,10 +51,23 @@ def experiment_name() -> str:
 def setup():
     """MLflow pointed at the store (store_uri) and the experiment (experiment_name)."""
     import mlflow
+    uri = store_uri()
     # Set every time: a URI set earlier in this process (another store) must not outlive the env var.
-    mlflow.set_tracking_uri(store_uri())
-    mlflow.set_experiment(experiment_name())
+    mlflow.set_tracking_uri(uri)
+    with sqlite_lock(uri):
+        mlflow.set_experiment(experiment_name())
     return mlflow
+
+
+def sqlite_lock(uri: str):
+    """For a sqlite store, a lock file beside it (`mlflow.db.lock`): the first access creates and
+    migrates the database and the experiment, and two runs at once (`dvc queue start -j 2`) doing
+    that both fail ("Online migration expected to match one row"). A server locks for itself."""
+    if not uri.startswith("sqlite:"):
+        return contextlib.nullcontext()
+    from filelock import FileLock
+    from sqlalchemy.engine import make_url
+    return FileLock(f"{make_url(uri).database}.lock")
 
 
 def check_store() -> None:

@@ -37,6 +37,8 @@ from pathlib import Path
 
 import yaml
 
+from titletune.cli import write_json
+
 ROOT = Path(__file__).resolve().parent.parent
 PATHS = ("before", "transformers", "engine", "transformers:float32", "engine:float32")
 SHAPE_1B = dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
@@ -142,33 +144,41 @@ def main() -> None:
         start = time.perf_counter()
         subprocess.run([sys.executable, "-m", f"stages.{cmd[0]}", *cmd[1:]], cwd=repo, env=env, check=True)
         timings[cmd[0]] = time.perf_counter() - start
-    paths = {}
     chosen = set(args.paths.split(","))
     chosen |= {engine_of(path) for path in chosen}
+    paths = {}
     for path in [p for p in PATHS if p in chosen]:   # in PATHS' order
         proc = subprocess.run([sys.executable, __file__, "--path", path, "--work", str(args.work), "--out", "-"],
                               env=env, capture_output=True, text=True)
         if proc.returncode:
             sys.exit(f"{path} failed:\n{proc.stderr[-3000:]}")
         paths[path] = json.loads(proc.stdout.strip().splitlines()[-1])
+        # written after every path: a run cut short by its time limit keeps the pairs it finished
+        report = compare(paths, repo, args.steps, timings)
+        write_json(args.out, report)
+    print(json.dumps({k: v for k, v in report.items() if k != "train"}, indent=1))
+
+
+def compare(paths: dict, repo: Path, steps: int, timings: dict) -> dict:
+    """The report: metrics and time of every path answered so far; the engine against each path of
+    its dtype (identical answers, metrics' relative difference) once both have answered."""
     torch = __import__("torch")
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
-    report = {"device": device, "steps": args.steps,
+    report = {"device": device, "steps": steps,
               "train": json.loads((repo / "metrics/train.json").read_text()), "stage_seconds": timings,
               "prompts": len(next(iter(paths.values()))["ids"]),
               "command": "python benchmarks/engine_parity.py " + " ".join(sys.argv[1:])}
     for name, other in paths.items():
         report[f"metrics_{name}"] = other["metrics"]
         report.setdefault("seconds", {})[name] = other["seconds"]
-        engine = paths[engine_of(name)]
-        if engine is not other:  # the engine against this path: identical answers, metrics' relative difference
+        engine = paths.get(engine_of(name))
+        if engine is not None and engine is not other:
             same = sum(a == b for a, b in zip(other["ids"], engine["ids"]))
             report[f"engine_vs_{name}"] = {
                 "identical_answers": same, "identical_share": same / len(engine["ids"]),
                 "relative_difference": {k: (engine["metrics"][k] - v) / v if v else 0.0
                                         for k, v in other["metrics"].items() if isinstance(v, (int, float))}}
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(json.dumps({k: v for k, v in report.items() if k != "train"}, indent=1))
+    return report
 
 
 if __name__ == "__main__":

@@ -146,6 +146,10 @@ def main() -> None:
         timings[cmd[0]] = time.perf_counter() - start
     chosen = set(args.paths.split(","))
     chosen |= {engine_of(path) for path in chosen}
+    torch = __import__("torch")
+    header = {"device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU", "steps": args.steps,
+              "train": json.loads((repo / "metrics/train.json").read_text()), "stage_seconds": timings,
+              "command": "python benchmarks/engine_parity.py " + " ".join(sys.argv[1:])}
     paths = {}
     for path in [p for p in PATHS if p in chosen]:   # in PATHS' order
         proc = subprocess.run([sys.executable, __file__, "--path", path, "--work", str(args.work), "--out", "-"],
@@ -154,20 +158,16 @@ def main() -> None:
             sys.exit(f"{path} failed:\n{proc.stderr[-3000:]}")
         paths[path] = json.loads(proc.stdout.strip().splitlines()[-1])
         # written after every path: a run cut short by its time limit keeps the pairs it finished
-        report = compare(paths, repo, args.steps, timings)
+        report = compare(header, paths)
         write_json(args.out, report)
     print(json.dumps({k: v for k, v in report.items() if k != "train"}, indent=1))
 
 
-def compare(paths: dict, repo: Path, steps: int, timings: dict) -> dict:
-    """The report: metrics and time of every path answered so far; the engine against each path of
-    its dtype (identical answers, metrics' relative difference) once both have answered."""
-    torch = __import__("torch")
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
-    report = {"device": device, "steps": steps,
-              "train": json.loads((repo / "metrics/train.json").read_text()), "stage_seconds": timings,
-              "prompts": len(next(iter(paths.values()))["ids"]),
-              "command": "python benchmarks/engine_parity.py " + " ".join(sys.argv[1:])}
+def compare(header: dict, paths: dict) -> dict:
+    """The report: the run's header, metrics and time of every path answered so far, and the engine
+    against each path of its dtype (identical answers, metrics' relative difference) once both have
+    answered."""
+    report = {**header, "prompts": len(next(iter(paths.values()))["ids"])}
     for name, other in paths.items():
         report[f"metrics_{name}"] = other["metrics"]
         report.setdefault("seconds", {})[name] = other["seconds"]
@@ -179,7 +179,6 @@ def compare(paths: dict, repo: Path, steps: int, timings: dict) -> dict:
                 "relative_difference": {k: (engine["metrics"][k] - v) / v if v else 0.0
                                         for k, v in other["metrics"].items() if isinstance(v, (int, float))}}
     return report
-
 
 if __name__ == "__main__":
     main()

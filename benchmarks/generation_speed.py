@@ -11,7 +11,9 @@ for the whole process, so the two paths never share one):
            answers end; on a GPU the decode step is a CUDA graph
 
 Every measurement is one JSON line appended to --out (fields: device, shape, path, adapter, eos,
-prompts, new_tokens, output_tokens_per_s, peak_gb, command, ...). Greedy. With eos off, every
+prompts, new_tokens, output_tokens_per_s, peak_gb, command, ...; the engine's rows add `breakdown`:
+the timed run's GPU time in prefill passes and in decode steps by step size, graph captures, and
+the rest, the GPU idle). Greedy. With eos off, every
 prompt gets exactly --new-tokens tokens. With eos on, answers end at an end-of-answer token: the
 tiny model's own EOS; for random-init shapes, whose argmax almost never hits one EOS id, 1/64 of
 the vocabulary is declared end-of-answer so that answers end at different lengths (mean ~40 of
@@ -129,6 +131,59 @@ def load(path: str, model_dir: Path, adapter: Path | None):
     return load_for_generation(model_params, adapter)
 
 
+def time_engine() -> list:
+    """Time the engine's prefill passes, decode steps and graph captures as they run: CUDA events
+    around each call on a GPU (no extra sync: the run's own pace is kept), the wall clock on a CPU.
+    Returns the list that the timed run fills with (what, slots or prompts, start, end)."""
+    import torch
+    from titletune.generation.engine import Engine
+    spans = []
+
+    def timed(what, method, size):
+        def wrapper(self, *args, **kwargs):
+            if torch.cuda.is_available():
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+            else:
+                start = time.perf_counter()
+            result = method(self, *args, **kwargs)
+            if torch.cuda.is_available():
+                end.record()
+            else:
+                end = time.perf_counter()
+            spans.append((what, size(self, *args), start, end))
+            return result
+        return wrapper
+    Engine.prefill = timed("prefill", Engine.prefill, lambda self, prompts, *_: len(prompts))
+    Engine.decode = timed("decode", Engine.decode, lambda self: self.size)
+    Engine.capture = timed("capture", Engine.capture, lambda self, n: n)
+    return spans
+
+
+def breakdown(spans: list, seconds: float) -> dict:
+    """Where a timed run's time went: GPU time of the prefill passes and of the decode steps by step
+    size (a step that captured its graph counts its capture too), and the rest (the GPU idle while
+    Python works or waits)."""
+    import torch
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    ms = lambda start, end: start.elapsed_time(end) if torch.cuda.is_available() else (end - start) * 1000  # noqa: E731
+    steps: dict[int, list[float]] = {}
+    prefill_ms, prefill_prompts, passes, capture_ms = 0.0, 0, 0, 0.0
+    for what, size, start, end in spans:
+        if what == "decode":
+            steps.setdefault(size, []).append(ms(start, end))
+        elif what == "prefill":
+            prefill_ms, prefill_prompts, passes = prefill_ms + ms(start, end), prefill_prompts + size, passes + 1
+        else:
+            capture_ms += ms(start, end)
+    decode_ms = sum(sum(t) for t in steps.values())
+    return {"prefill_passes": passes, "prefill_prompts": prefill_prompts, "prefill_s": prefill_ms / 1000,
+            "decode_steps": sum(map(len, steps.values())), "decode_s": decode_ms / 1000, "capture_s": capture_ms / 1000,
+            "steps_by_slots": {n: {"steps": len(t), "ms_per_step": sum(t) / len(t)} for n, t in sorted(steps.items())},
+            "other_s": seconds - (prefill_ms + decode_ms) / 1000}
+
+
 def measure(args) -> dict:
     """One path, one model, one setting: a warm-up (up to 512 of the prompts, untimed), then the timed run."""
     import torch
@@ -160,6 +215,7 @@ def measure(args) -> dict:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
+    spans = time_engine() if args.path == "engine" else None
     start = time.perf_counter()
     answers = run(prompts)
     if torch.cuda.is_available():
@@ -176,6 +232,7 @@ def measure(args) -> dict:
                          "Unsloth for_inference (its own decode attention)",
             "batch_size": args.batch_size if args.path == "before" else (args.slots or "auto"),
             "answer_hash": hash(tuple(map(tuple, answers))) & 0xFFFFFFFF,
+            "breakdown": breakdown(spans, seconds) if spans is not None else None,
             "command": "python benchmarks/generation_speed.py " + " ".join(args.argv)}
 
 
@@ -236,6 +293,12 @@ def main() -> None:
         print(f"{row['device']:>24} {row['shape']:>4} {path:>6} adapter={adapter!s:5} eos={eos!s:5} {prompts:5} prompts "
               f"{row['output_tokens_per_s']:9,.0f} tok/s  {row['seconds']:6.1f} s  "
               f"answer {row['mean_answer_tokens']:.1f} tok  peak {row['peak_gb'] or 0:.1f} GB", flush=True)
+        if row["breakdown"]:
+            b = row["breakdown"]
+            print(f"{'':>24} prefill {b['prefill_s']:.2f} s ({b['prefill_passes']} passes)  decode {b['decode_s']:.2f} s "
+                  f"({b['decode_steps']} steps; " + ", ".join(f"{n}: {v['steps']} x {v['ms_per_step']:.1f} ms"
+                                                     for n, v in b["steps_by_slots"].items()) +
+                  f")  capture {b['capture_s']:.2f} s  other {b['other_s']:.2f} s", flush=True)
     if failed:
         sys.exit(f"{len(failed)} of {len(cases)} measurements failed: {'; '.join(failed)}")
 

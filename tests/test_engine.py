@@ -100,6 +100,14 @@ def test_once_no_prompt_waits_the_step_shrinks_to_the_busy_slots_moved_to_the_fr
     assert sizes[0] == 32 and {16, 8} <= set(sizes) and sizes == sorted(sizes, reverse=True)
 
 
+def test_a_few_prompts_get_as_many_slots_not_a_full_batch(tiny):
+    model, tok = tiny
+    counting = CountsDecodeRows(model)
+    generate(counting, tiny_prompts(3, seed=2), pad_token_id=tok.pad_token_id, max_new_tokens=4, eos_ids=set(),
+             progress=False)  # batch_size auto: 64 slots on a CPU
+    assert set(counting.decode_rows) == {3}
+
+
 class RunsOutOfMemory(torch.nn.Module):
     """The tiny model on a 'GPU' that holds at most `limit` sequences a pass: larger passes raise
     the error torch raises when CUDA memory runs out."""

@@ -17,8 +17,9 @@ Generation runs on a fixed set of `slots`, one sequence each, over a static KV c
 - Decode attention is grouped-query attention as two batched matmuls over the cache (no copy of
   the key/value heads per query head); the prefill and scoring passes use PyTorch's SDPA.
 
-The number of slots is `batch_size`, or on a GPU as many as fit in free memory ("auto"). If the
-GPU runs out of memory, the engine halves its slots, says so once, and finishes.
+The number of slots is `batch_size`, or on a GPU as many as fit in free memory ("auto"), and never
+more than there are prompts. If the GPU runs out of memory, the engine halves its slots, says so
+once, and finishes.
 On a CPU the same code runs without graphs.
 """
 from __future__ import annotations
@@ -375,7 +376,8 @@ def generate(model, prompts: list[list[int]], *, pad_token_id: int, max_new_toke
         eos_ids = eos_token_ids(model, None)
     use_engine_attention(model)
     length = max(map(len, prompts)) + max_new_tokens
-    slots = first_slots = auto_slots(model, batch_size, length)
+    # never more slots than prompts: a question to scripts/ask.py needs one slot's cache, not 512
+    slots = first_slots = min(auto_slots(model, batch_size, length), len(prompts))
     results: list[list[int] | None] = [None] * len(prompts)
     bar = tqdm(total=len(prompts), desc=desc, unit="prompt", disable=not progress)
     with torch.inference_mode():

@@ -202,6 +202,10 @@ def measure(args) -> dict:
         eos_ids = eos_token_ids(model, tokenizer) if args.eos else set()
     pad = tokenizer.pad_token_id
 
+    if args.refill_share:
+        import titletune.generation.engine as engine
+        engine.REFILL_SHARE = args.refill_share
+
     def run(batch):
         if args.path == "before":
             return before_generate(model, batch, pad_token_id=pad, batch_size=args.batch_size,
@@ -231,7 +235,7 @@ def measure(args) -> dict:
             "attention": "engine: SDPA prefill + grouped matmul decode" if args.path == "engine" else
                          "Unsloth for_inference (its own decode attention)",
             "batch_size": args.batch_size if args.path == "before" else (args.slots or "auto"),
-            "answer_hash": hash(tuple(map(tuple, answers))) & 0xFFFFFFFF,
+            "answer_hash": hash(tuple(map(tuple, answers))) & 0xFFFFFFFF, "refill_share": args.refill_share,
             "breakdown": breakdown(spans, seconds) if spans is not None else None,
             "command": "python benchmarks/generation_speed.py " + " ".join(args.argv)}
 
@@ -253,6 +257,7 @@ def main() -> None:
     ap.add_argument("--path", help=argparse.SUPPRESS)
     ap.add_argument("--adapter", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--eos", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--refill-share", type=int, help=argparse.SUPPRESS)  # engine.REFILL_SHARE, to measure it
     args = ap.parse_args()
     args.argv = sys.argv[1:]
     if args.path:

@@ -42,6 +42,7 @@ CPU_SLOTS = 64          # slots on a CPU when batch_size is auto
 MAX_GPU_SLOTS = 512     # beyond this a decode step is compute-bound: more slots add latency, not speed
 PREFILL_TOKENS = 16384  # prompt tokens per prefill pass (padding included)
 MIN_STEP_SLOTS = 8      # the smallest decode step the busy slots shrink to (below it a step costs the same)
+REFILL_SHARE = 8        # refill once 1/REFILL_SHARE of the slots are free: a prefill pass has a fixed cost
 
 
 def pad_batch(seqs: list[list[int]], pad_token_id: int, side: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -405,7 +406,7 @@ def _run(model, prompts, results, slots, length, max_new_tokens, eos_ids, sample
     engine = Engine(model, slots, length, max_new_tokens, eos_ids, sample)
     owner = [-1] * slots  # the prompt each slot is answering
     shown = [0] * slots   # tokens of its answer passed to on_token
-    refill_at = max(1, slots // 8)  # refill when this many slots are free (or none is busy)
+    refill_at = max(1, slots // REFILL_SHARE)  # refill when this many slots are free (or none is busy)
     while pending or any(o >= 0 for o in owner):
         free = [s for s in range(slots) if owner[s] < 0]
         if pending and (len(free) >= refill_at or len(free) == slots):

@@ -13,8 +13,8 @@ for the whole process, so the two paths never share one):
 Every measurement is one JSON line appended to --out (fields: device, shape, path, adapter, eos,
 prompts, new_tokens, output_tokens_per_s, peak_gb, command, ...; the engine's rows add `breakdown`:
 the timed run's GPU time in prefill passes and in decode steps by step size, graph captures, and
-the rest, the GPU idle). Greedy. With eos off, every
-prompt gets exactly --new-tokens tokens. With eos on, answers end at an end-of-answer token: the
+the rest, the GPU idle). Greedy. With eos off, every prompt gets exactly --new-tokens tokens.
+With eos on, answers end at an end-of-answer token: the
 tiny model's own EOS; for random-init shapes, whose argmax almost never hits one EOS id, 1/64 of
 the vocabulary is declared end-of-answer so that answers end at different lengths (mean ~40 of
 64 tokens), and the figure counts only the tokens up to the end (useful tokens/s).

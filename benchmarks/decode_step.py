@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from generation_speed import build_shape, random_prompts  # noqa: E402  (a sibling script)
+from generation_speed import build_shape, load, random_prompts  # noqa: E402  (a sibling script)
 
 
 def timed(fn, repeat: int) -> float:
@@ -36,11 +36,9 @@ def timed(fn, repeat: int) -> float:
 
 
 def probe(shape: str, work: Path, most_slots: int, repeat: int) -> list[dict]:
-    from titletune.generation.engine import PREFILL_TOKENS, Engine, load_for_generation
-    from titletune.params import load_params
+    from titletune.generation.engine import PREFILL_TOKENS, Engine
     build_shape(shape, work / shape)
-    model_params = load_params("model").model_copy(update={"name": str(work / shape / "base")})
-    model, tokenizer = load_for_generation(model_params)
+    model, tokenizer = load("engine", work / shape / "base", None)
     prompts = sorted(random_prompts(most_slots), key=len, reverse=True)
     length = len(prompts[0]) + 64
     engine = Engine(model, most_slots, length, max_new_tokens=64, eos_ids=set(), sample=None)

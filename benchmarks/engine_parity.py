@@ -180,5 +180,6 @@ def compare(header: dict, paths: dict) -> dict:
                                         for k, v in other["metrics"].items() if isinstance(v, (int, float))}}
     return report
 
+
 if __name__ == "__main__":
     main()

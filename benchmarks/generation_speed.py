@@ -137,17 +137,17 @@ def time_engine() -> list:
     Returns the list that the timed run fills with (what, slots or prompts, start, end)."""
     import torch
     from titletune.generation.engine import Engine
-    spans = []
+    spans, cuda = [], torch.cuda.is_available()
 
     def timed(what, method, size):
         def wrapper(self, *args, **kwargs):
-            if torch.cuda.is_available():
+            if cuda:
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 start.record()
             else:
                 start = time.perf_counter()
             result = method(self, *args, **kwargs)
-            if torch.cuda.is_available():
+            if cuda:
                 end.record()
             else:
                 end = time.perf_counter()
@@ -165,9 +165,10 @@ def breakdown(spans: list, seconds: float) -> dict:
     size (a step that captured its graph counts its capture too), and the rest (the GPU idle while
     Python works or waits)."""
     import torch
-    if torch.cuda.is_available():
+    cuda = torch.cuda.is_available()
+    if cuda:
         torch.cuda.synchronize()
-    ms = lambda start, end: start.elapsed_time(end) if torch.cuda.is_available() else (end - start) * 1000  # noqa: E731
+    ms = lambda start, end: start.elapsed_time(end) if cuda else (end - start) * 1000  # noqa: E731
     steps: dict[int, list[float]] = {}
     prefill_ms, prefill_prompts, passes, capture_ms = 0.0, 0, 0, 0.0
     for what, size, start, end in spans:

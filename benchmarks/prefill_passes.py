@@ -1,8 +1,8 @@
 """Why refills' prefill passes cost more in a run than alone: each pass of a run's refill pattern
 timed on its own (synchronised), the first time its shape (prompts x padded width) is seen and
 again, with decode steps (CUDA graph replays) between the passes as in a run, and the caching
-allocator's counters (cudaMalloc calls, retries after a failed malloc,
-which free the cache and synchronise). Random-init Llama shapes, as generation_speed.py builds them.
+allocator's counters (cudaMalloc calls, retries after a failed malloc, which free the cache and
+synchronise). Random-init Llama shapes, as generation_speed.py builds them.
 
     python benchmarks/prefill_passes.py --shape 1b --shape 8b --out $OUT/prefill_passes.jsonl   # GPU
     python benchmarks/prefill_passes.py --shape mini                                          # CPU rehearsal
@@ -18,27 +18,25 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from generation_speed import build_shape, random_prompts  # noqa: E402  (a sibling script)
+from generation_speed import build_shape, load, random_prompts  # noqa: E402  (a sibling script)
 
 PASSES = (341, 171, 64, 72, 80, 96, 64, 88, 104, 70)  # a first wave, then refills of the sizes a run makes
 
 
 def probe(shape: str, work: Path) -> list[dict]:
-    from titletune.generation.engine import Engine, load_for_generation
-    from titletune.params import load_params
+    from titletune.generation.engine import Engine
     build_shape(shape, work / shape)
-    model_params = load_params("model").model_copy(update={"name": str(work / shape / "base")})
-    model, tokenizer = load_for_generation(model_params)
+    model, tokenizer = load("engine", work / shape / "base", None)
     prompts = sorted(random_prompts(2048), key=len, reverse=True)
     engine = Engine(model, 512, len(prompts[0]) + 64, max_new_tokens=64, eos_ids=set(), sample=None)
     cuda = torch.cuda.is_available()
     device = torch.cuda.get_device_name(0) if cuda else "CPU"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    stats = (lambda: torch.cuda.memory_stats()) if cuda else (lambda: {})
-    rows, seen, start = [], set(), 0
+    stats = torch.cuda.memory_stats if cuda else dict
+    rows, seen = [], set()
     with torch.inference_mode():
-        for trial in ("first", "again"):
-            start = 0 if trial == "again" else start
+        for trial in ("first", "again"):  # the same passes twice: their shapes new, then seen
+            start = 0
             for n in PASSES:
                 batch = prompts[start:start + n]
                 start += n

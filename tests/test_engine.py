@@ -8,7 +8,7 @@ import torch
 from datasets import Dataset
 
 from titletune.generation.engine import (eos_token_ids, generate, generation_kwargs, load_for_generation, pad_batch,
-                                         prompt_ids, until_eos)
+                                         prompt_ids, reference_nll, until_eos)
 from titletune.params import load_params
 from titletune.testing import ROOT
 
@@ -70,12 +70,13 @@ def test_engine_answers_like_transformers_generate_with_slots_refilled(tiny):
     assert [until_eos(a, eos_ids) for a in got] == expected
 
 
-class CountsDecodeRows(torch.nn.Module):
-    """The tiny model, noting how many slots each decode step (one token a slot) ran on."""
+class WatchesPasses(torch.nn.Module):
+    """The tiny model, noting how many slots each decode step (one token a slot) ran on, and whether
+    cuDNN's attention was allowed in each pass of several tokens (prefill, scoring)."""
 
     def __init__(self, model):
         super().__init__()
-        self.inner, self.decode_rows = model, []
+        self.inner, self.decode_rows, self.cudnn_allowed = model, [], []
         self.config, self.generation_config = model.config, model.generation_config
 
     device = property(lambda self: self.inner.device)
@@ -84,6 +85,8 @@ class CountsDecodeRows(torch.nn.Module):
     def forward(self, input_ids, **kwargs):
         if input_ids.shape[1] == 1:
             self.decode_rows.append(input_ids.shape[0])
+        else:
+            self.cudnn_allowed.append(torch.backends.cuda.cudnn_sdp_enabled())
         return self.inner(input_ids=input_ids, **kwargs)
 
 
@@ -92,7 +95,7 @@ def test_once_no_prompt_waits_the_step_shrinks_to_the_busy_slots_moved_to_the_fr
     prompts = tiny_prompts(40, seed=3)
     eos_ids = set(range(0, 2048, 8)) | eos_token_ids(model, tok)
     expected = reference_answers(model, prompts, tok.pad_token_id, eos_ids, max_new_tokens=16)
-    counting = CountsDecodeRows(model)
+    counting = WatchesPasses(model)
     got = generate(counting, prompts, pad_token_id=tok.pad_token_id, max_new_tokens=16, eos_ids=eos_ids,
                    batch_size=32, progress=False)
     assert [until_eos(a, eos_ids) for a in got] == expected  # moved slots go on with their own sequences
@@ -102,10 +105,23 @@ def test_once_no_prompt_waits_the_step_shrinks_to_the_busy_slots_moved_to_the_fr
 
 def test_a_few_prompts_get_as_many_slots_not_a_full_batch(tiny):
     model, tok = tiny
-    counting = CountsDecodeRows(model)
+    counting = WatchesPasses(model)
     generate(counting, tiny_prompts(3, seed=2), pad_token_id=tok.pad_token_id, max_new_tokens=4, eos_ids=set(),
              progress=False)  # batch_size auto: 64 slots on a CPU
     assert set(counting.decode_rows) == {3}
+
+
+def test_prefill_and_scoring_passes_never_use_cudnn_attention(tiny):
+    # cuDNN's SDPA plans every new prompt width anew: 1.4-1.7 s each for the 8B on an H200
+    model, tok = tiny
+    watching = WatchesPasses(model)
+    prompts = tiny_prompts(6, seed=4)
+    generate(watching, prompts, pad_token_id=tok.pad_token_id, max_new_tokens=3, eos_ids=set(), batch_size=2,
+             progress=False)
+    examples = Dataset.from_dict({"input_ids": prompts, "completion_mask": [[0] + [1] * (len(p) - 1) for p in prompts]})
+    reference_nll(watching, examples, pad_token_id=tok.pad_token_id, batch_size=3, progress=False)
+    assert len(watching.cudnn_allowed) >= 3 + 2 and not any(watching.cudnn_allowed)
+    assert torch.backends.cuda.cudnn_sdp_enabled()  # the process's own setting is left as it was
 
 
 class RunsOutOfMemory(torch.nn.Module):

@@ -15,7 +15,8 @@ Generation runs on a fixed set of `slots`, one sequence each, over a static KV c
   power-of-two share of the slots that holds them (its own graph): the last answers' tail costs
   what they need, not a full batch.
 - Decode attention is grouped-query attention as two batched matmuls over the cache (no copy of
-  the key/value heads per query head); the prefill and scoring passes use PyTorch's SDPA.
+  the key/value heads per query head); the prefill and scoring passes use PyTorch's SDPA
+  (without cuDNN's kernel, whose plan for each new width costs more than the pass).
 
 The number of slots is `batch_size`, or on a GPU as many as fit in free memory ("auto"), and never
 more than there are prompts. If the GPU runs out of memory, the engine halves its slots, says so
@@ -55,6 +56,15 @@ def pad_batch(seqs: list[list[int]], pad_token_id: int, side: str) -> tuple[torc
 
 
 # --- attention ---------------------------------------------------------------------------------
+
+def sdpa_without_cudnn():
+    """SDPA's kernels but cuDNN's, for prefill and scoring passes. cuDNN's (PyTorch's first choice on
+    Hopper for a masked bf16 pass) builds an execution plan for every new sequence length: 1.4-1.7 s
+    a new prompt width for the 8B on an H200, measured, where the pass itself takes 0.1 s; passes
+    come in many widths. The memory-efficient kernel it leaves has no such cost (benchmarks/README)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+
 
 def decode_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """One query token per slot against the whole static cache: grouped-query attention without
@@ -154,13 +164,6 @@ class SlotCache:
         self.values[layer_idx][self.rows, :, self.column] = value[:, :, 0]
         return self.keys[layer_idx], self.values[layer_idx]
 
-    def fill(self, slots: torch.Tensor, prefill_cache) -> None:
-        """Copy a prefill pass's keys and values (columns 0..p-1) into these slots."""
-        for layer, (k, v) in enumerate(zip(self.keys, self.values)):
-            done = prefill_cache.layers[layer]
-            k[slots, :, :done.keys.shape[2]] = done.keys
-            v[slots, :, :done.values.shape[2]] = done.values
-
     def tensors(self) -> list[torch.Tensor]:
         return [*self.keys, *self.values, self.column]
 
@@ -175,6 +178,22 @@ class SlotCache:
     def bytes_per_slot(cls, config, length: int, dtype) -> int:
         layers, heads, dim = cls.layout(config)
         return 2 * layers * heads * dim * length * dtype.itemsize
+
+
+class PrefillCache:
+    """The cache a prefill pass runs with: each attention layer writes the pass's keys and values
+    (columns 0..width-1) straight into the slots' rows of the static cache and attends over the
+    pass's own. Nothing is held per layer and nothing copied afterwards (a DynamicCache of a
+    16k-token 8B pass holds 2 GB until the pass ends)."""
+
+    def __init__(self, cache: SlotCache, rows: torch.Tensor):
+        self.cache, self.rows = cache, rows
+
+    def update(self, key, value, layer_idx, cache_kwargs=None):
+        width = key.shape[2]
+        self.cache.keys[layer_idx][self.rows, :, :width] = key
+        self.cache.values[layer_idx][self.rows, :, :width] = value
+        return key, value
 
 
 class Slots:
@@ -317,18 +336,24 @@ class Engine:
 
     def prefill(self, prompts: list[list[int]], slots: list[int], pad_token_id: int) -> None:
         """Run the prompts (left padded) through the model and start them in these slots."""
-        from transformers import DynamicCache
+        device = self.model.device
         ids, attention = pad_batch(prompts, pad_token_id, side="left")
-        ids, attention = ids.to(self.model.device), attention.to(self.model.device)
-        positions = (attention.cumsum(-1) - 1).clamp(min=0)
-        prefill_cache = DynamicCache(config=self.model.config)
-        logits = self.model(input_ids=ids, attention_mask=attention, position_ids=positions,
-                            past_key_values=prefill_cache, use_cache=True, logits_to_keep=1).logits[:, -1]
-        rows, state = torch.tensor(slots, device=self.model.device), self.state
+        ids, real = ids.to(device), attention.to(device).bool()
+        width = ids.shape[1]
+        positions = (real.long().cumsum(-1) - 1).clamp(min=0)
+        # causal over the real tokens; a padding position sees itself only: a row with nothing to attend
+        # to comes out NaN on some SDPA kernels, and a NaN value in the cache poisons decode's matmul
+        # even where it is masked
+        causal = torch.ones(width, width, dtype=torch.bool, device=device).tril()
+        mask = causal & (real[:, None, :] | torch.eye(width, dtype=torch.bool, device=device))
+        rows, state = torch.tensor(slots, device=device), self.state
+        with sdpa_without_cudnn():
+            logits = self.model(input_ids=ids, attention_mask=mask[:, None], position_ids=positions,
+                                past_key_values=PrefillCache(state.cache, rows), use_cache=True,
+                                logits_to_keep=1).logits[:, -1]
         first = logits.argmax(-1) if self.sample is None else self.sample(logits)
-        state.cache.fill(rows, prefill_cache)
-        state.start[rows] = ids.shape[1] - attention.sum(-1)
-        state.cache.column[rows] = ids.shape[1]  # the first new token's key and value go here
+        state.start[rows] = width - real.sum(-1)
+        state.cache.column[rows] = width  # the first new token's key and value go here
         state.tokens[rows] = first
         state.out[rows, 0] = first
         state.count[rows] = 1
@@ -473,7 +498,7 @@ def reference_nll(model, examples, *, pad_token_id: int, batch_size: int | None 
         ids, attention = pad_batch(rows["input_ids"], pad_token_id, side="right")
         mask, _ = pad_batch(rows["completion_mask"], 0, side="right")
         ids, attention, mask = ids.to(model.device), attention.to(model.device), mask.to(model.device)
-        with torch.inference_mode():
+        with torch.inference_mode(), sdpa_without_cudnn():
             logits = model(input_ids=ids, attention_mask=attention).logits
         nll, n = completion_nll(logits, ids, mask)
         total, count = total + nll, count + n

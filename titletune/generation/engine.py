@@ -43,8 +43,8 @@ CPU_SLOTS = 64          # slots on a CPU when batch_size is auto
 MAX_GPU_SLOTS = 512     # beyond this a decode step is compute-bound: more slots add latency, not speed
 PREFILL_TOKENS = 16384  # prompt tokens per prefill pass (padding included)
 MIN_STEP_SLOTS = 8      # the smallest decode step the busy slots shrink to (below it a step costs the same)
-REFILL_SHARE = 3        # refill once 1/REFILL_SHARE of the slots are free: prefill passes cost more than their
-                        # prompts (8B, H100: 4,096 prompts 1.27x faster with EOS on than at 1/8, benchmarks/README)
+REFILL_SHARE = 8        # refill once 1/REFILL_SHARE of the slots are free: a pass's own cost (~7 ms, 8B) against
+                        # slots idling (8B, H100, 4,096 prompts, EOS on: 1.03x faster than at 1/3, benchmarks/README)
 
 
 def pad_batch(seqs: list[list[int]], pad_token_id: int, side: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -10,6 +10,7 @@ Random-init Llama shapes, as generation_speed.py builds them.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -27,8 +28,6 @@ def main() -> None:
     ap.add_argument("--shape", required=True)
     ap.add_argument("--work", type=Path, default=Path("/tmp/titletune-bench"))
     args = ap.parse_args()
-    import contextlib
-
     import titletune.generation.engine as engine_module
     without_cudnn = engine_module.sdpa_without_cudnn
     build_shape(args.shape, args.work / args.shape)
@@ -42,7 +41,7 @@ def main() -> None:
     def timed(batch, label, profiled):
         sync()
         start = time.perf_counter()
-        with profile(activities=activities) if profiled else torch.no_grad() as prof:
+        with profile(activities=activities) if profiled else contextlib.nullcontext() as prof:
             engine.prefill(batch, list(range(len(batch))), tokenizer.pad_token_id)
             sync()
         ms = (time.perf_counter() - start) * 1000

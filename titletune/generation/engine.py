@@ -58,10 +58,11 @@ def pad_batch(seqs: list[list[int]], pad_token_id: int, side: str) -> tuple[torc
 # --- attention ---------------------------------------------------------------------------------
 
 def sdpa_without_cudnn():
-    """SDPA's kernels but cuDNN's, for prefill and scoring passes. cuDNN's (PyTorch's first choice on
-    Hopper for a masked bf16 pass) builds an execution plan for every new sequence length: 1.4-1.7 s
-    a new prompt width for the 8B on an H200, measured, where the pass itself takes 0.1 s; passes
-    come in many widths. The memory-efficient kernel it leaves has no such cost (benchmarks/README)."""
+    """SDPA's kernels other than cuDNN's, for prefill and scoring passes. cuDNN's (PyTorch's first
+    choice on Hopper for a masked bf16 pass) builds an execution plan for every new sequence length:
+    1.4-1.7 s a new prompt width for the 8B on an H200, measured, where the pass itself takes 0.1 s,
+    and passes come in many widths. The memory-efficient kernel that then runs has no such cost
+    (benchmarks/README)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 

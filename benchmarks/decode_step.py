@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from generation_speed import build_shape, load, random_prompts  # noqa: E402  (a sibling script)
+from generation_speed import probe_engine  # noqa: E402  (a sibling script)
 
 
 def timed(fn, repeat: int) -> float:
@@ -36,12 +36,8 @@ def timed(fn, repeat: int) -> float:
 
 
 def probe(shape: str, work: Path, most_slots: int, repeat: int) -> list[dict]:
-    from titletune.generation.engine import PREFILL_TOKENS, Engine
-    build_shape(shape, work / shape)
-    model, tokenizer = load("engine", work / shape / "base", None)
-    prompts = sorted(random_prompts(most_slots), key=len, reverse=True)
-    length = len(prompts[0]) + 64
-    engine = Engine(model, most_slots, length, max_new_tokens=64, eos_ids=set(), sample=None)
+    from titletune.generation.engine import PREFILL_TOKENS
+    engine, tokenizer, prompts = probe_engine(shape, work, most_slots, most_slots)
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
     rows = []
 
@@ -70,7 +66,7 @@ def probe(shape: str, work: Path, most_slots: int, repeat: int) -> list[dict]:
                     error = str(err).splitlines()[0][:300]
                 capture_ms = (time.perf_counter() - start) * 1000
             replay = timed(graph.replay, repeat) if graph is not None else None
-            row(what="step", slots=n, cache_columns=length, eager_ms=eager, graph_ms=replay,
+            row(what="step", slots=n, cache_columns=len(engine.columns), eager_ms=eager, graph_ms=replay,
                 capture_ms=capture_ms, capture_error=error,
                 peak_gb=torch.cuda.max_memory_allocated() / 1e9 if torch.cuda.is_available() else None)
             if graph is not None:

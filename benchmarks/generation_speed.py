@@ -131,6 +131,19 @@ def load(path: str, model_dir: Path, adapter: Path | None):
     return load_for_generation(model_params, adapter)
 
 
+def probe_engine(shape: str, work: Path, slots: int, n_prompts: int):
+    """(engine, tokenizer, prompts) for the probes of single passes and steps (decode_step.py,
+    prefill_passes.py, prefill_first_width.py): the shape's base model as the engine path loads it,
+    n_prompts random prompts longest first, and an Engine of `slots` slots with room for the longest
+    and 64 new tokens, greedy, EOS held off."""
+    from titletune.generation.engine import Engine
+    build_shape(shape, work / shape)
+    model, tokenizer = load("engine", work / shape / "base", None)
+    prompts = sorted(random_prompts(n_prompts), key=len, reverse=True)
+    engine = Engine(model, slots, len(prompts[0]) + 64, max_new_tokens=64, eos_ids=set(), sample=None)
+    return engine, tokenizer, prompts
+
+
 def time_engine() -> list:
     """Time the engine's prefill passes, decode steps and graph captures as they run: CUDA events
     around each call on a GPU (no extra sync: the run's own pace is kept), the wall clock on a CPU.

@@ -20,7 +20,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from generation_speed import build_shape, load, random_prompts  # noqa: E402  (a sibling script)
+from generation_speed import probe_engine  # noqa: E402  (a sibling script)
 
 
 def main() -> None:
@@ -30,10 +30,7 @@ def main() -> None:
     args = ap.parse_args()
     import titletune.generation.engine as engine_module
     without_cudnn = engine_module.sdpa_without_cudnn
-    build_shape(args.shape, args.work / args.shape)
-    model, tokenizer = load("engine", args.work / args.shape / "base", None)
-    prompts = sorted(random_prompts(2048), key=len, reverse=True)
-    engine = engine_module.Engine(model, 512, len(prompts[0]) + 64, max_new_tokens=64, eos_ids=set(), sample=None)
+    engine, tokenizer, prompts = probe_engine(args.shape, args.work, 512, 2048)
     cuda = torch.cuda.is_available()
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])

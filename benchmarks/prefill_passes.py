@@ -18,17 +18,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from generation_speed import build_shape, load, random_prompts  # noqa: E402  (a sibling script)
+from generation_speed import probe_engine  # noqa: E402  (a sibling script)
 
 PASSES = (341, 171, 64, 72, 80, 96, 64, 88, 104, 70)  # a first wave, then refills of the sizes a run makes
 
 
 def probe(shape: str, work: Path) -> list[dict]:
-    from titletune.generation.engine import Engine
-    build_shape(shape, work / shape)
-    model, tokenizer = load("engine", work / shape / "base", None)
-    prompts = sorted(random_prompts(2048), key=len, reverse=True)
-    engine = Engine(model, 512, len(prompts[0]) + 64, max_new_tokens=64, eos_ids=set(), sample=None)
+    engine, tokenizer, prompts = probe_engine(shape, work, 512, 2048)
     cuda = torch.cuda.is_available()
     device = torch.cuda.get_device_name(0) if cuda else "CPU"
     sync = torch.cuda.synchronize if cuda else (lambda: None)

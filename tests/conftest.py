@@ -2,9 +2,11 @@
 (helpers in titletune.testing)."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+from filelock import FileLock
 
 from titletune.testing import FAST_PARAMS, copy_repo, run, set_params
 
@@ -19,14 +21,25 @@ def repo(tmp_path: Path) -> Path:
 def pipeline_repo(tmp_path_factory) -> Path:
     """A committed repo copy with FAST_PARAMS where `dvc repro` has run once (every stage).
 
-    Shared by many tests: treat it as read-only; copy it (shutil.copytree) to change it.
+    Shared by many tests: treat it as read-only; copy it (shutil.copytree) to change it. Under
+    pytest-xdist (`make test` runs two workers) the first worker that needs it builds it and the
+    other waits and reuses it: a session fixture is otherwise built once per worker.
     """
-    repo = copy_repo(tmp_path_factory.mktemp("pipeline") / "repo")
-    set_params(repo, FAST_PARAMS)
-    run(["git", "commit", "-qam", "fast params"], repo)
-    run(["dvc", "repro"], repo, timeout=900)
-    run(["git", "add", "-A"], repo)
-    run(["git", "commit", "-qm", "repro"], repo)
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent  # the run's folder, above each worker's own
+    repo, done = shared / "pipeline" / "repo", shared / "pipeline" / "built"
+    with FileLock(shared / "pipeline.lock"):
+        if repo.exists() and not done.exists():
+            pytest.fail(f"{repo}: building the pipeline repo failed in another worker (see its error)")
+        if not done.exists():
+            copy_repo(repo)
+            set_params(repo, FAST_PARAMS)
+            run(["git", "commit", "-qam", "fast params"], repo)
+            run(["dvc", "repro"], repo, timeout=900)
+            run(["git", "add", "-A"], repo)
+            run(["git", "commit", "-qm", "repro"], repo)
+            done.touch()
     return repo
 
 
@@ -81,3 +94,11 @@ def zero_adapter(adapter: Path, dest: Path) -> Path:
     save_file({k: v.zero_() if "lora_B" in k else v for k, v in weights.items()},
               dest / "adapter_model.safetensors")
     return dest
+
+
+def pytest_collection_modifyitems(items):
+    """The tests on pipeline_repo first (in their files' order), then the rest. `make test` hands
+    each of its two workers half of this list (pytest-xdist's worksteal): one builds the pipeline
+    repo and goes on with its tests while the other runs tests that need no pipeline, instead of
+    waiting for the build; a worker out of tests takes half of what the other has left."""
+    items.sort(key=lambda item: "pipeline_repo" not in item.fixturenames)

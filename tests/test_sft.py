@@ -36,6 +36,8 @@ model = training.add_lora(model, tp)
 lora = model.peft_config["default"]
 report["lora"] = [lora.r, lora.lora_alpha, lora.lora_dropout, sorted(lora.target_modules)]
 data = load_formatted("data/formatted")["train"].select_columns(["input_ids", "labels"])
+report["eval_sets"] = [{name: len(rows) for name, rows in training.eval_sets(data, data.select(range(n))).items()}
+                       for n in (32, 1000)]
 config.report_to, config.eval_strategy = [], "no"
 SFTTrainer(model=model, args=config, train_dataset=data, processing_class=tok).train()
 probe = torch.tensor([data[0]["input_ids"][:32]])
@@ -83,6 +85,8 @@ def test_sft_config_lora_and_saved_adapter(pipeline_repo, tmp_path):
                                                    "down_proj"])]
     # The saved adapter reloads onto a fresh base to the same logits, and it changed the model.
     assert report["reload_max_diff"] < 1e-5 and report["adapter_effect"] > 0
+    # The train loss is measured on as many training examples as the val loss, LOSS_SUBSET at most.
+    assert report["eval_sets"] == [{"val": 32, "train_subset": 32}, {"val": 1000, "train_subset": 256}]
     # Early stopping: on the validation loss, lower is better.
     assert report["es_args"] == [True, "eval_val_loss", False]
 

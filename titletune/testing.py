@@ -21,7 +21,7 @@ ENV.pop("MLFLOW_TRACKING_URI", None)
 FAST_PARAMS = {
     "format": {"max_length": 128},
     "train": {"max_steps": 12, "per_device_train_batch_size": 8, "eval_steps": 6, "save_steps": 6,
-              "logging_steps": 2},
+              "logging_steps": 2, "val_samples": 32},
     "evaluate": {"max_samples": 8, "batch_size": 8, "max_new_tokens": 16},
 }
 

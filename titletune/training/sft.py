@@ -29,7 +29,7 @@ from titletune.launch import is_rank0
 from titletune.training.profiling import Throughput, peak_memory_gb
 from titletune.training.resuming import LOSS_BEFORE, checkpoint_dir
 
-LOSS_SUBSET = 256  # examples used to measure train loss before/after (the full train set is too slow)
+LOSS_SUBSET = 256  # at most this many training examples measure the train loss (the full set is too slow)
 # The train params named like SFTConfig arguments (fields of titletune.params.Train that SFTConfig
 # declares too). sft_config passes each one through as it is, unless it decides that argument itself.
 SFT_KEYS = tuple(key for key in Train.model_fields if key in {field.name for field in dataclasses.fields(SFTConfig)})
@@ -140,10 +140,11 @@ def timed_train(trainer, resume: bool) -> float:
 
 
 def eval_sets(train_set, val_set) -> dict:
-    """What the trainer evaluates, every eval_steps and before/after training: the validation split
-    and a fixed subset of the training examples. Handed to SFTTrainer at construction, so TRL
-    prepares (packs) both exactly like the training data."""
-    return {"val": val_set, "train_subset": train_set.select(range(min(LOSS_SUBSET, len(train_set))))}
+    """What the trainer evaluates, every eval_steps and before/after training: the validation
+    examples (train.val_samples) and the first training examples, LOSS_SUBSET of them or as many as
+    the validation ones if fewer (a train loss need not be more precise than the val loss beside it).
+    Handed to SFTTrainer at construction, so TRL prepares (packs) both exactly like the training data."""
+    return {"val": val_set, "train_subset": train_set.select(range(min(LOSS_SUBSET, len(val_set), len(train_set))))}
 
 
 def losses(trainer) -> dict:

@@ -64,7 +64,8 @@ serve: setup-gguf
 
 # Two pytest workers (pytest-xdist) with one torch thread each: most of the suite is subprocesses that
 # import torch, transformers and Unsloth on one core. On 2 cores the suite took 739 s in one process,
-# 562 s in two workers and 443 s with one thread each and worksteal (tests/conftest.py says why).
+# 562 s in two workers, 478 s with one thread each, 443 s with worksteal and the pipeline tests first
+# (tests/conftest.py says why).
 # WORKERS=N for more cores; WORKERS=0 runs it in this one process.
 WORKERS ?= 2
 PYTEST  := OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -ra -n $(WORKERS) --dist worksteal

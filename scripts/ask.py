@@ -98,7 +98,7 @@ def main() -> None:
             continue
         answered += 1
         generate(model, [ids], pad_token_id=tokenizer.pad_token_id, eos_ids=eos_ids, progress=False,
-                 on_token=show, **generation_kwargs(ep))
+                 on_token=show, keep=True, **generation_kwargs(ep))  # keep: the next question reuses its engine
         streamer.end()
         sys.stdout.flush()
     if args.question is None:

@@ -7,8 +7,8 @@ import pytest
 import torch
 from datasets import Dataset
 
-from titletune.generation.engine import (eos_token_ids, generate, generation_kwargs, load_for_generation, pad_batch,
-                                         prompt_ids, reference_nll, until_eos)
+from titletune.generation.engine import (KEPT_ENGINE, eos_token_ids, generate, generation_kwargs, load_for_generation,
+                                         pad_batch, prompt_ids, reference_nll, release_engine, until_eos)
 from titletune.params import load_params
 from titletune.testing import ROOT
 
@@ -154,6 +154,34 @@ def test_out_of_memory_halves_the_slots_says_so_once_and_finishes(tiny, capsys):
     assert got == expected and small.largest == 2
     err = capsys.readouterr().err
     assert err.count("GPU out of memory") == 1 and "with 8 slots; finished with 2" in err  # 8 -> 4 -> 2
+
+
+def test_a_kept_engine_serves_the_next_call_that_fits_and_answers_as_a_new_one(tiny):
+    # predict's parts and ask's questions: the engine, with its cache and (on a GPU) its CUDA
+    # graphs, is made once; a call cut short leaves busy slots, which the next call must not see
+    model, tok = tiny
+    eos_ids = set(range(0, 2048, 16)) | eos_token_ids(model, tok)
+    kwargs = dict(pad_token_id=tok.pad_token_id, max_new_tokens=12, eos_ids=eos_ids, batch_size=4, progress=False)
+    first, second = tiny_prompts(10, seed=5), tiny_prompts(7, seed=6)
+    expected = [generate(model, prompts, **kwargs) for prompts in (first, second)]
+    assert KEPT_ENGINE not in model.__dict__
+    try:
+        assert generate(model, first, keep=True, **kwargs) == expected[0]
+        engine = model.__dict__[KEPT_ENGINE]
+
+        def stop(index, ids):
+            raise KeyboardInterrupt
+        with pytest.raises(KeyboardInterrupt):
+            generate(model, second, keep=True, on_answer=stop, **kwargs)
+        assert generate(model, second, keep=True, **kwargs) == expected[1]
+        assert model.__dict__[KEPT_ENGINE] is engine  # the same engine ran all three calls
+
+        generate(model, second, keep=True, **kwargs | {"max_new_tokens": 5})  # does not fit: a new engine
+        assert model.__dict__[KEPT_ENGINE] is not engine
+        generate(model, second, **kwargs)  # keep=False frees a kept engine
+        assert KEPT_ENGINE not in model.__dict__
+    finally:
+        release_engine(model)
 
 
 def test_sampling_is_seeded_and_differs_from_greedy(tiny):

@@ -21,6 +21,9 @@ Generation runs on a fixed set of `slots`, one sequence each, over a static KV c
 The number of slots is `batch_size`, or on a GPU as many as fit in free memory ("auto"), and never
 more than there are prompts. If the GPU runs out of memory, the engine halves its slots, says so
 once, and finishes.
+generate(keep=True) keeps the engine (its cache and its captured graphs) on the model for the
+next call that fits it: a CUDA graph is then captured once per model and step size, not once per
+call (predict answers a file in parts, ask one question at a time).
 On a CPU the same code runs without graphs.
 """
 from __future__ import annotations
@@ -45,6 +48,7 @@ PREFILL_TOKENS = 16384  # prompt tokens per prefill pass (padding included)
 MIN_STEP_SLOTS = 8      # the smallest decode step the busy slots shrink to (below it a step costs the same)
 REFILL_SHARE = 8        # refill once 1/REFILL_SHARE of the slots are free: a pass's own cost (~7 ms, 8B) against
                         # slots idling (8B, H100, 4,096 prompts, EOS on: 1.03x faster than at 1/3, benchmarks/README)
+LENGTH_STEP = 64        # cache columns come in steps of this, so that a kept engine fits later calls' prompts too
 
 
 def pad_batch(seqs: list[list[int]], pad_token_id: int, side: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -230,14 +234,17 @@ class Slots:
 
 
 class Engine:
-    """The state of one generate() call: the slots, their cache and the decode step, which runs on
-    the first `size` slots: all of them while prompts wait; once none waits, the busy slots are
-    moved to the front and the step shrinks to the smallest of `sizes` that holds them, so that an
-    answer's tail costs what its busy slots need, not the whole batch. On a GPU each size's step is
-    captured as a CUDA graph the first time it runs (vLLM captures per batch size the same way)."""
+    """The slots, their cache and the decode step of a generate() call (and of later calls that
+    fit it, with keep=True). The step runs on the first `size` slots: all of them while prompts
+    wait; once none waits, the busy slots are moved to the front and the step shrinks to the
+    smallest of `sizes` that holds them, so that an answer's tail costs what its busy slots need,
+    not the whole batch. On a GPU each size's greedy step is captured as a CUDA graph the first
+    time it runs (vLLM captures per batch size the same way)."""
 
-    def __init__(self, model, slots: int, length: int, max_new_tokens: int, eos_ids: set[int], sample):
-        self.model, self.max_new = model, max_new_tokens
+    def __init__(self, model, slots: int, length: int, max_new_tokens: int, eos_ids: set[int], sample,
+                 requested: int | None = None, cut: bool = False):
+        self.model, self.slots, self.length, self.max_new, self.eos_ids = model, slots, length, max_new_tokens, eos_ids
+        self.requested, self.cut = requested, cut  # the batch_size asked for; whether the prompt count cut it
         self.state = Slots.allocate(model, slots, length, max_new_tokens)
         self.columns = torch.arange(length, device=model.device)
         self.eos = torch.tensor(sorted(eos_ids) or [-1], device=model.device)
@@ -245,7 +252,18 @@ class Engine:
         self.size = slots
         self.sizes = [n for n in (slots >> k for k in range(slots.bit_length())) if n >= MIN_STEP_SLOTS] or [slots]
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.use_graphs = model.device.type == "cuda" and sample is None
+        self.use_graphs = model.device.type == "cuda"  # until a capture fails
+
+    def fits(self, requested: int | None, n_prompts: int, length: int, max_new_tokens: int, eos_ids: set[int]) -> bool:
+        """Whether a call can run on this engine as a new one would: the same cache length,
+        answer length, end-of-answer ids and batch_size, and at least as many slots."""
+        return ((self.length, self.max_new, self.eos_ids, self.requested) == (length, max_new_tokens, eos_ids, requested)
+                and (self.slots >= n_prompts or not self.cut))
+
+    def begin(self, sample) -> None:
+        """Start a call: every slot free (a call cut short may have left some busy), the full step."""
+        self.sample, self.size = sample, self.slots
+        self.state.active.zero_()
 
     # the step over the first n slots (views of the engine's state)
     def step(self, slots: Slots) -> torch.Tensor | None:
@@ -300,7 +318,10 @@ class Engine:
                 t.copy_(s)  # the warm-up and capture ran the step: undo its writes
 
     def graph(self, n: int) -> torch.cuda.CUDAGraph | None:
-        """The captured step over n slots, captured now if it is new; None where it runs eagerly."""
+        """The captured step over n slots, captured now if it is new; None where it runs eagerly
+        (a CPU, sampling, a model whose step cannot be captured)."""
+        if self.sample is not None:
+            return None
         if self.use_graphs and n not in self.graphs:
             try:
                 self.graphs[n] = self.capture(n)
@@ -393,44 +414,69 @@ def auto_slots(model, requested: int | None, length: int) -> int:
 def generate(model, prompts: list[list[int]], *, pad_token_id: int, max_new_tokens: int,
              eos_ids: set[int] | None = None, batch_size: int | None = None, do_sample: bool = False,
              temperature: float = 1.0, top_p: float = 1.0, desc: str = "generating",
-             progress: bool = True, on_answer=None, on_token=None) -> list[list[int]]:
+             progress: bool = True, on_answer=None, on_token=None, keep: bool = False) -> list[list[int]]:
     """The new token ids for each prompt, in prompt order: up to and including its first EOS
     (eos_ids; None: the model's generation_config), at most max_new_tokens (cut with until_eos()).
     on_answer(index, ids), if given, is called as each answer ends (predict streams with it);
-    on_token(index, id) as each token comes (scripts/ask.py prints the answer as it grows)."""
+    on_token(index, id) as each token comes (scripts/ask.py prints the answer as it grows).
+    keep: the engine stays on the model (its GPU memory held) for the next call that fits it;
+    a call that does not fit releases it first."""
     if not prompts:
         return []
     if eos_ids is None:
         eos_ids = eos_token_ids(model, None)
     use_engine_attention(model)
-    length = max(map(len, prompts)) + max_new_tokens
-    # never more slots than prompts: a question to scripts/ask.py needs one slot's cache, not 512
-    slots = first_slots = min(auto_slots(model, batch_size, length), len(prompts))
+    length = -(-(max(map(len, prompts)) + max_new_tokens) // LENGTH_STEP) * LENGTH_STEP
+    engine = model.__dict__.get(KEPT_ENGINE)
+    if engine is not None and not (keep and engine.fits(batch_size, len(prompts), length, max_new_tokens, eos_ids)):
+        release_engine(model)  # before sizing a new one: its memory counts as free
+        engine = None
     results: list[list[int] | None] = [None] * len(prompts)
     bar = tqdm(total=len(prompts), desc=desc, unit="prompt", disable=not progress)
     with torch.inference_mode():
+        if engine is None:
+            wanted = auto_slots(model, batch_size, length)
+            # never more slots than prompts: a question to scripts/ask.py needs one slot's cache, not 512
+            engine = Engine(model, min(wanted, len(prompts)), length, max_new_tokens, eos_ids, None,
+                            requested=batch_size, cut=wanted > len(prompts))
+        first_slots = engine.slots
         while True:
             try:
-                _run(model, prompts, results, slots, length, max_new_tokens, eos_ids,
-                     sampler(do_sample, temperature, top_p), pad_token_id, bar, on_answer, on_token)
+                _run(engine, prompts, results, sampler(do_sample, temperature, top_p), pad_token_id, bar,
+                     on_answer, on_token)
                 break
             except torch.OutOfMemoryError:
-                if slots == 1:
+                if engine.slots == 1:
                     raise
-                slots //= 2  # answers already finished are kept; the others start again
-                torch.cuda.empty_cache()
-    if slots < first_slots:
-        tqdm.write(f"{desc}: GPU out of memory with {first_slots} slots; finished with {slots} "
-                   f"(evaluate.batch_size: {slots} skips the retries)", file=sys.stderr)
+                # answers already finished are kept; the others start again on half the slots
+                slots, cut = engine.slots // 2, engine.cut
+                del engine
+                release_engine(model)
+                torch.cuda.empty_cache()  # the failed engine's memory, kept or not
+                engine = Engine(model, slots, length, max_new_tokens, eos_ids, None, requested=batch_size, cut=cut)
+    if engine.slots < first_slots:
+        tqdm.write(f"{desc}: GPU out of memory with {first_slots} slots; finished with {engine.slots} "
+                   f"(evaluate.batch_size: {engine.slots} skips the retries)", file=sys.stderr)
+    if keep:
+        model.__dict__[KEPT_ENGINE] = engine
     bar.close()
     return results
 
 
-def _run(model, prompts, results, slots, length, max_new_tokens, eos_ids, sample, pad_token_id, bar, on_answer,
-         on_token):
+KEPT_ENGINE = "_titletune_engine"  # where generate(keep=True) leaves the engine, in the model's __dict__
+
+
+def release_engine(model) -> None:
+    """Free the engine a generate(keep=True) call left on the model (its cache and graphs)."""
+    if model.__dict__.pop(KEPT_ENGINE, None) is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _run(engine, prompts, results, sample, pad_token_id, bar, on_answer, on_token):
     """Fill slots with the prompts not answered yet, longest first, until every prompt has its answer."""
     pending = deque(sorted((i for i, r in enumerate(results) if r is None), key=lambda i: -len(prompts[i])))
-    engine = Engine(model, slots, length, max_new_tokens, eos_ids, sample)
+    engine.begin(sample)
+    slots = engine.slots
     owner = [-1] * slots  # the prompt each slot is answering
     shown = [0] * slots   # tokens of its answer passed to on_token
     refill_at = max(1, slots // REFILL_SHARE)  # refill when this many slots are free (or none is busy)

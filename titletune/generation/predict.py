@@ -272,8 +272,9 @@ def answer_chunk(model, tokenizer, rows: list[Row], number: int, fmt, ep, eos_id
     rows, prompts = [r for r, w in zip(rows, why) if not w], [p for p, w in zip(prompts, why) if not w]
     # Seeded per chunk: a resumed or data-parallel run samples what a single uninterrupted one does.
     torch.manual_seed(SAMPLING_SEED + number)
+    # keep: the next chunk runs on this chunk's engine (cache and CUDA graphs), not a new one
     new_ids = generate(model, prompts, pad_token_id=tokenizer.pad_token_id, eos_ids=eos_ids, progress=False,
-                       **generation_kwargs(ep))
+                       keep=True, **generation_kwargs(ep))
     answers = [until_eos(ids, eos_ids) for ids in new_ids]
     return [{"uid": row.uid, "title": row.title,
              "answer": tokenizer.decode(ids, skip_special_tokens=True).strip(), "tokens": len(ids)}

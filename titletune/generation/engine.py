@@ -419,8 +419,8 @@ def generate(model, prompts: list[list[int]], *, pad_token_id: int, max_new_toke
     (eos_ids; None: the model's generation_config), at most max_new_tokens (cut with until_eos()).
     on_answer(index, ids), if given, is called as each answer ends (predict streams with it);
     on_token(index, id) as each token comes (scripts/ask.py prints the answer as it grows).
-    keep: the engine stays on the model (its GPU memory held) for the next call that fits it;
-    a call that does not fit releases it first."""
+    keep: the engine stays on the model (its GPU memory held) for the next keep=True call that
+    fits it; any other call releases it first."""
     if not prompts:
         return []
     if eos_ids is None:

@@ -72,13 +72,14 @@ def sample_prompt_lengths(n: int) -> list[int]:
 
 def build_shape(shape: str, folder: Path) -> None:
     """A random-init model of a real shape (bf16, safetensors) and a LoRA adapter for it (r 16,
-    every linear layer, as train makes; B random instead of zero so that it changes the answers).
+    every linear layer, as train makes; B random instead of zero so that it changes the answers),
+    and the same adapter with B = 0 (`adapter_b0`: it merges to the base's very weights).
     The tokenizer is the tiny model's: prompts are token ids already, the loaders want one for its
     pad id, and no Llama-3 tokenizer reaches the GPU machine."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-    if (folder / "adapter" / "adapter_config.json").is_file():
+    if (folder / "adapter_b0" / "adapter_config.json").is_file():
         return
     torch.manual_seed(0)
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
@@ -87,6 +88,11 @@ def build_shape(shape: str, folder: Path) -> None:
     AutoTokenizer.from_pretrained(ROOT / "models/tiny-llama").save_pretrained(folder / "base")
     lora = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", init_lora_weights=False))
     lora.save_pretrained(folder / "adapter")
+    with torch.no_grad():
+        for name, weight in lora.named_parameters():
+            if "lora_B" in name:
+                weight.zero_()
+    lora.save_pretrained(folder / "adapter_b0")
 
 
 def random_prompts(n: int, seed: int = 0) -> list[list[int]]:
@@ -205,7 +211,8 @@ def measure(args) -> dict:
     from titletune.generation.engine import eos_token_ids, generate, prompt_ids, until_eos
     if args.shape:
         folder = Path(args.work) / args.shape
-        model, tokenizer = load(args.path, folder / "base", folder / "adapter" if args.adapter else None)
+        adapter = folder / ("adapter_b0" if args.adapter_b_zero else "adapter")
+        model, tokenizer = load(args.path, folder / "base", adapter if args.adapter or args.adapter_b_zero else None)
         prompts = random_prompts(args.prompts)
         vocab = model.config.get_text_config().vocab_size
         eos_ids = set(range(0, vocab, 64)) if args.eos else set()
@@ -243,7 +250,8 @@ def measure(args) -> dict:
     seconds = time.perf_counter() - start
     useful = sum(len(until_eos(a, eos_ids)) for a in answers)
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({torch.get_num_threads()} threads)"
-    return {"device": device, "shape": args.shape or "tiny", "path": args.path, "adapter": args.adapter,
+    return {"device": device, "shape": args.shape or "tiny", "path": args.path,
+            "adapter": args.adapter or args.adapter_b_zero, "adapter_b_zero": args.adapter_b_zero,
             "eos": args.eos, "prompts": len(prompts), "mean_prompt_tokens": sum(map(len, prompts)) / len(prompts),
             "new_tokens": args.new_tokens, "output_tokens": useful, "seconds": seconds,
             "output_tokens_per_s": useful / seconds, "mean_answer_tokens": useful / len(prompts),
@@ -273,6 +281,8 @@ def main() -> None:
     # one measurement (the driver runs each in a process of its own)
     ap.add_argument("--path", help=argparse.SUPPRESS)
     ap.add_argument("--adapter", action="store_true", help=argparse.SUPPRESS)
+    # the tuned rows' slower prefill (benchmarks/README): the process's load and merge, or the weights' values?
+    ap.add_argument("--adapter-b-zero", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--eos", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--refill-share", type=int, help=argparse.SUPPRESS)  # engine.REFILL_SHARE, to measure it
     args = ap.parse_args()

@@ -1,6 +1,7 @@
 """titletune/generation/engine.py: the slot engine answers exactly as transformers' generate()
 does (greedy, float32, the tiny model), in prompt order, with slots refilled as answers end; it
-survives running out of GPU memory by halving its slots; padding and prompt ids."""
+survives running out of GPU memory by halving its slots; a kept engine answers later calls as a
+new one would; padding and prompt ids."""
 from __future__ import annotations
 
 import pytest

@@ -79,6 +79,8 @@ def build_shape(shape: str, folder: Path) -> None:
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from titletune.testing import zero_adapter
     if (folder / "adapter_b0" / "adapter_config.json").is_file():
         return
     torch.manual_seed(0)
@@ -88,11 +90,7 @@ def build_shape(shape: str, folder: Path) -> None:
     AutoTokenizer.from_pretrained(ROOT / "models/tiny-llama").save_pretrained(folder / "base")
     lora = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", init_lora_weights=False))
     lora.save_pretrained(folder / "adapter")
-    with torch.no_grad():
-        for name, weight in lora.named_parameters():
-            if "lora_B" in name:
-                weight.zero_()
-    lora.save_pretrained(folder / "adapter_b0")
+    zero_adapter(folder / "adapter", folder / "adapter_b0")
 
 
 def random_prompts(n: int, seed: int = 0) -> list[list[int]]:

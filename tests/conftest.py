@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from filelock import FileLock
 
-from titletune.testing import FAST_PARAMS, copy_repo, run, set_params
+from titletune.testing import FAST_PARAMS, copy_repo, run, set_params, zero_adapter
 
 
 @pytest.fixture
@@ -82,18 +82,6 @@ def model_runs(pipeline_repo, tmp_path_factory) -> dict:
         out, err = proc.communicate(timeout=900)
         finished[name] = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
     return {"repo": repo, "tmp": tmp, "samples": samples, "asked": asked, **finished}
-
-
-def zero_adapter(adapter: Path, dest: Path) -> Path:
-    """A copy of the adapter with every LoRA B matrix zeroed: it changes nothing (tuned == base)."""
-    import shutil
-
-    from safetensors.torch import load_file, save_file
-    shutil.copytree(adapter, dest)
-    weights = load_file(dest / "adapter_model.safetensors")
-    save_file({k: v.zero_() if "lora_B" in k else v for k, v in weights.items()},
-              dest / "adapter_model.safetensors")
-    return dest
 
 
 def pytest_collection_modifyitems(items):

@@ -57,3 +57,13 @@ def set_params(repo: Path, overrides: dict) -> None:
     for section, values in overrides.items():
         params[section].update(values)
     path.write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def zero_adapter(adapter: Path, dest: Path) -> Path:
+    """A copy of the adapter with every LoRA B matrix zeroed: it changes nothing (tuned == base)."""
+    from safetensors.torch import load_file, save_file
+    shutil.copytree(adapter, dest)
+    weights = load_file(dest / "adapter_model.safetensors")
+    save_file({k: v.zero_() if "lora_B" in k else v for k, v in weights.items()},
+              dest / "adapter_model.safetensors")
+    return dest

@@ -369,10 +369,15 @@ class Engine:
         causal = torch.ones(width, width, dtype=torch.bool, device=device).tril()
         mask = causal & (real[:, None, :] | torch.eye(width, dtype=torch.bool, device=device))
         rows, state = torch.tensor(slots, device=device), self.state
+        # The last position's logits only, kept by index: lm_head gets a contiguous input. With
+        # logits_to_keep=1 it gets a slice, and once the weights are frozen (a merged adapter: PEFT sets
+        # requires_grad False) torch.matmul runs it as a batched matmul that reads the whole lm_head
+        # once per prompt (the tuned rows' slower prefill, benchmarks/README).
+        last = torch.tensor([width - 1], device=device)
         with sdpa_without_cudnn():
             logits = self.model(input_ids=ids, attention_mask=mask[:, None], position_ids=positions,
                                 past_key_values=PrefillCache(state.cache, rows), use_cache=True,
-                                logits_to_keep=1).logits[:, -1]
+                                logits_to_keep=last).logits[:, -1]
         first = logits.argmax(-1) if self.sample is None else self.sample(logits)
         state.start[rows] = width - real.sum(-1)
         state.cache.column[rows] = width  # the first new token's key and value go here

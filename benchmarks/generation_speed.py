@@ -9,16 +9,17 @@ for the whole process, so the two paths never share one):
            model.generate() on batches of --batch-size prompts, left padded, sorted by length
   engine   titletune.generation.engine: static KV cache, one slot per sequence, refilled as
            answers end; on a GPU the decode step is a CUDA graph, captured once per model and
-           step size (generate(keep=True): the timed run reuses the warm-up's engine)
+           step size (generate(keep=True): the timed run reuses the warm-up's engine, every step
+           size's graph captured before the clock starts: a long run's steady state)
 
 Every measurement is one JSON line appended to --out (fields: device, shape, path, adapter, eos,
 prompts, new_tokens, output_tokens_per_s, peak_gb, command, ...; the engine's rows add `breakdown`:
-the timed run's GPU time in prefill passes and in decode steps by step size, graph captures, and
-the rest, the GPU idle). Greedy. With eos off, every prompt gets exactly --new-tokens tokens.
-With eos on, answers end at an end-of-answer token: the
-tiny model's own EOS; for random-init shapes, whose argmax almost never hits one EOS id, 1/64 of
-the vocabulary is declared end-of-answer so that answers end at different lengths (mean ~40 of
-64 tokens), and the figure counts only the tokens up to the end (useful tokens/s).
+the timed run's GPU time in prefill passes (and their share of padding) and in decode steps by
+step size, graph captures, and the rest, the GPU idle). Greedy. With eos off, every prompt gets
+exactly --new-tokens tokens. With eos on, answers end at an end-of-answer token: the tiny
+model's own EOS; for random-init shapes, whose argmax almost never hits one EOS id, 1/64 of the
+vocabulary is declared end-of-answer so that answers end at different lengths (mean ~40 of 64
+tokens), and the figure counts only the tokens up to the end (useful tokens/s).
 
 Prompts: the tiny model answers the evaluate stage's test prompts (data/formatted). Random-init
 shapes get random token ids with the real test-prompt length distribution: the training prompt
@@ -172,7 +173,10 @@ def time_engine() -> list:
             spans.append((what, size(self, *args), start, end))
             return result
         return wrapper
-    Engine.prefill = timed("prefill", Engine.prefill, lambda self, prompts, *_: len(prompts))
+    # a pass's prompts, their tokens, and the tokens it computes (left padded to its longest prompt)
+    Engine.prefill = timed("prefill", Engine.prefill,
+                           lambda self, prompts, *_: (len(prompts), sum(map(len, prompts)),
+                                                      len(prompts) * max(map(len, prompts))))
     Engine.decode = timed("decode", Engine.decode, lambda self: self.size)
     Engine.capture = timed("capture", Engine.capture, lambda self, n: n)
     return spans
@@ -181,23 +185,25 @@ def time_engine() -> list:
 def breakdown(spans: list, seconds: float) -> dict:
     """Where a timed run's time went: GPU time of the prefill passes and of the decode steps by step
     size (a step that captured its graph counts its capture too), and the rest (the GPU idle while
-    Python works or waits)."""
+    Python works or waits); and of the prefill's computed tokens, the share that was left padding."""
     import torch
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.synchronize()
     ms = lambda start, end: start.elapsed_time(end) if cuda else (end - start) * 1000  # noqa: E731
     steps: dict[int, list[float]] = {}
-    prefill_ms, prefill_prompts, passes, capture_ms = 0.0, 0, 0, 0.0
+    prefill_ms, passes, capture_ms = 0.0, [], 0.0
     for what, size, start, end in spans:
         if what == "decode":
             steps.setdefault(size, []).append(ms(start, end))
         elif what == "prefill":
-            prefill_ms, prefill_prompts, passes = prefill_ms + ms(start, end), prefill_prompts + size, passes + 1
+            prefill_ms, passes = prefill_ms + ms(start, end), passes + [size]
         else:
             capture_ms += ms(start, end)
     decode_ms = sum(sum(t) for t in steps.values())
-    return {"prefill_passes": passes, "prefill_prompts": prefill_prompts, "prefill_s": prefill_ms / 1000,
+    prompts, tokens, computed = (sum(column) for column in zip(*passes)) if passes else (0, 0, 0)
+    return {"prefill_passes": len(passes), "prefill_prompts": prompts, "prefill_s": prefill_ms / 1000,
+            "prefill_tokens": tokens, "prefill_padding": 1 - tokens / computed if computed else 0.0,
             "decode_steps": sum(map(len, steps.values())), "decode_s": decode_ms / 1000, "capture_s": capture_ms / 1000,
             "steps_by_slots": {n: {"steps": len(t), "ms_per_step": sum(t) / len(t)} for n, t in sorted(steps.items())},
             "other_s": seconds - (prefill_ms + decode_ms) / 1000}
@@ -237,6 +243,15 @@ def measure(args) -> dict:
     # slots): with 64 prompts the tuned rows ran 1.17-1.53x the base rows on the same compute (H100).
     # It holds the longest prompt, so the timed run fits the engine it keeps (graphs captured once a model).
     run(prompts[:511] + [max(prompts, key=len)])
+    captured = []
+    if args.path == "engine":
+        # The timed run is a kept engine's steady state (predict past its first part): every step size
+        # has its graph. With EOS on, the warm-up's answers mostly stop together at --new-tokens and
+        # its step never shrinks to the small sizes that a longer run's tail reaches.
+        from titletune.generation.engine import KEPT_ENGINE
+        kept = model.__dict__[KEPT_ENGINE]
+        with torch.inference_mode():
+            captured = [n for n in kept.sizes if kept.graph(n) is not None]
     if torch.cuda.is_available():
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -259,6 +274,7 @@ def measure(args) -> dict:
             "batch_size": args.batch_size if args.path == "before" else (args.slots or "auto"),
             "answer_hash": hash(tuple(map(tuple, answers))) & 0xFFFFFFFF, "refill_share": args.refill_share,
             "engine_kept": args.path == "engine",  # the warm-up's engine, its CUDA graphs captured there
+            "graphs_before_timing": captured,      # the step sizes whose graphs the timed run replays
             "breakdown": breakdown(spans, seconds) if spans is not None else None,
             "command": "python benchmarks/generation_speed.py " + " ".join(args.argv)}
 
@@ -325,7 +341,8 @@ def main() -> None:
               f"answer {row['mean_answer_tokens']:.1f} tok  peak {row['peak_gb'] or 0:.1f} GB", flush=True)
         if row["breakdown"]:
             b = row["breakdown"]
-            print(f"{'':>24} prefill {b['prefill_s']:.2f} s ({b['prefill_passes']} passes)  decode {b['decode_s']:.2f} s "
+            print(f"{'':>24} prefill {b['prefill_s']:.2f} s ({b['prefill_passes']} passes, "
+                  f"{b['prefill_padding']:.0%} padding)  decode {b['decode_s']:.2f} s "
                   f"({b['decode_steps']} steps; " + ", ".join(f"{n}: {v['steps']} x {v['ms_per_step']:.1f} ms"
                                                      for n, v in b["steps_by_slots"].items()) +
                   f")  capture {b['capture_s']:.2f} s  other {b['other_s']:.2f} s", flush=True)

@@ -42,16 +42,17 @@ $(VENV)/.installed: pyproject.toml
 # (mtmd), which a text model never loads; and then no llama.cpp `common` library either, which only
 # mtmd uses but llama-cpp-python's CMakeLists forces on (the sed): 108 s on 2 cores (230 s with
 # `common`, 306 s with mtmd too).
-# The sdist is downloaded once; the wheel is built from a patched copy by $(PY) itself (it needs no
-# venv: the same interpreter, so the venv installs it) and the converter is taken out of the sdist.
+# The sdist is downloaded once; the wheel is built from a patched copy by a pip of the same
+# interpreter (a throwaway venv's: a system Python may have no pip of its own), so the venv can
+# install it; the converter is taken out of the sdist.
 $(LLAMA_WHEEL):
 	@echo "building llama-cpp-python $(LLAMA_CPP_PYTHON) (llama.cpp, ~2-3 min)"
-	$(PY) -m pip download -q --no-deps --no-binary llama-cpp-python -d $(WHEELS) llama-cpp-python==$(LLAMA_CPP_PYTHON)
-	rm -rf $(WHEELS)/src && mkdir -p $(WHEELS)/src
-	tar -xzf $(WHEELS)/$(LLAMA_SDIST).tar.gz -C $(WHEELS)/src --strip-components=1
+	rm -rf $(WHEELS)/venv $(WHEELS)/src && $(PY) -m venv $(WHEELS)/venv
+	$(WHEELS)/venv/bin/pip download -q --no-deps --no-binary llama-cpp-python -d $(WHEELS) llama-cpp-python==$(LLAMA_CPP_PYTHON)
+	mkdir -p $(WHEELS)/src && tar -xzf $(WHEELS)/$(LLAMA_SDIST).tar.gz -C $(WHEELS)/src --strip-components=1
 	sed -i 's/set(LLAMA_BUILD_COMMON ON CACHE/set(LLAMA_BUILD_COMMON $${LLAVA_BUILD} CACHE/' $(WHEELS)/src/CMakeLists.txt
-	CMAKE_ARGS="-DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF" $(PY) -m pip wheel -q --no-deps -w $(WHEELS) $(WHEELS)/src
-	rm -rf $(WHEELS)/src
+	CMAKE_ARGS="-DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF" $(WHEELS)/venv/bin/pip wheel -q --no-deps -w $(WHEELS) $(WHEELS)/src
+	rm -rf $(WHEELS)/venv $(WHEELS)/src
 	touch $@
 
 # --find-links: pip takes the wheel built above for llama-cpp-python (the index has only the sdist).

@@ -125,8 +125,10 @@ def test_an_existing_output_is_not_overwritten(tmp_path):
 
 
 # ---------------------------------------------------------------- runs of the tiny model
+# Session-scoped: under `make test`'s worksteal a worker runs other files' tests between these, and
+# a module fixture is torn down and built again each time (3 x 13 s for `answered`).
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def predict_repo(pipeline_repo, tmp_path_factory) -> Path:
     repo = tmp_path_factory.mktemp("predict") / "repo"
     shutil.copytree(pipeline_repo, repo, symlinks=True)
@@ -134,19 +136,19 @@ def predict_repo(pipeline_repo, tmp_path_factory) -> Path:
     return repo
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def evaluated(predict_repo) -> list[dict]:
     """evaluate's test examples with the tuned model's answers (metrics/eval_samples.jsonl)."""
     return [json.loads(line) for line in (predict_repo / "metrics/eval_samples.jsonl").read_text().splitlines()]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def products(predict_repo, evaluated) -> tuple[Path, list[dict]]:
     path = predict_repo.parent / "products.jsonl"
     return path, write_products(path, [e["question"] for e in evaluated])
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def answered(predict_repo, products) -> tuple[subprocess.CompletedProcess, list[dict]]:
     """One uninterrupted run over the JSONL products: the reference output."""
     out = predict_repo.parent / "answers.jsonl"

@@ -3,11 +3,15 @@ eager), the capture of a step's graph, and a prefill pass, on random-init Llama 
 
     python benchmarks/decode_step.py --shape 1b --shape 8b --out $OUT/decode_step.jsonl   # GPU
     python benchmarks/decode_step.py --shape mini --slots 64                              # CPU rehearsal
+    python benchmarks/decode_step.py --shape 8b --slots 512 --profile                      # where the time goes
 
 These are the numbers the engine's choices rest on: how much a step over fewer slots saves (the
 tail of a run, once no prompt waits, shrinks the step to its busy slots), whether more slots than
 MAX_GPU_SLOTS would pay, and what a refill's prefill pass costs against a decode step. One JSON
 line per measurement: device, shape, what (step/capture/prefill), slots or prompts, ms, graph.
+With --profile, also the operators that one full prefill pass and one step over every slot spend
+their time in (what: profile), largest first: whether a pass's time per token is its matrix
+products or the rest.
 """
 from __future__ import annotations
 
@@ -35,7 +39,24 @@ def timed(fn, repeat: int) -> float:
     return (time.perf_counter() - start) * 1000 / repeat
 
 
-def probe(shape: str, work: Path, most_slots: int, repeat: int) -> list[dict]:
+def operators(fn, top: int) -> list[dict]:
+    """fn's operators by their own time (device time on a GPU, CPU time on a CPU), largest first,
+    with each one's share of the whole; fn runs once untimed before."""
+    from torch.profiler import ProfilerActivity, profile
+    cuda = torch.cuda.is_available()
+    fn()
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        fn()
+        if cuda:
+            torch.cuda.synchronize()
+    own = (lambda e: e.self_device_time_total) if cuda else (lambda e: e.self_cpu_time_total)
+    events = sorted((e for e in prof.key_averages() if own(e) > 0), key=own, reverse=True)
+    total = sum(map(own, events))
+    return [{"op": e.key, "calls": e.count, "ms": own(e) / 1000, "share": own(e) / total, "total_ms": total / 1000}
+            for e in events[:top]]
+
+
+def probe(shape: str, work: Path, most_slots: int, repeat: int, profile: bool = False) -> list[dict]:
     from titletune.generation.engine import PREFILL_TOKENS
     engine, tokenizer, prompts = probe_engine(shape, work, most_slots, most_slots)
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
@@ -71,6 +92,14 @@ def probe(shape: str, work: Path, most_slots: int, repeat: int) -> list[dict]:
                 peak_gb=torch.cuda.max_memory_allocated() / 1e9 if torch.cuda.is_available() else None)
             if graph is not None:
                 engine.graphs[n] = graph  # later captures share its memory pool, as in a run
+        if profile:
+            full = prompts[:min(PREFILL_TOKENS // len(prompts[0]), most_slots)]
+            passes = {"prefill": lambda: engine.prefill(full, list(range(len(full))), tokenizer.pad_token_id),
+                      "step": lambda: engine.step(engine.state.first(most_slots))}  # eager: the graph's kernels
+            for of, fn in passes.items():
+                for op in operators(fn, top=15):
+                    row(what="profile", of=of, prompts=len(full) if of == "prefill" else None,
+                        slots=most_slots if of == "step" else None, **op)
     return rows
 
 
@@ -81,10 +110,11 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=20)
     ap.add_argument("--work", type=Path, default=Path("/tmp/titletune-bench"))
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--profile", action="store_true", help="also the operators of one full prefill pass and one step")
     args = ap.parse_args()
     rows = []
     for shape in args.shape:
-        rows += probe(shape, args.work, args.slots, args.repeat)
+        rows += probe(shape, args.work, args.slots, args.repeat, args.profile)
         if torch.cuda.is_available():
             torch.cuda.empty_cache()  # the next shape's model and cache start from free memory
     if args.out:

@@ -40,8 +40,9 @@ def timed(fn, repeat: int) -> float:
 
 
 def operators(fn, top: int) -> list[dict]:
-    """fn's operators by their own time (device time on a GPU, CPU time on a CPU), largest first,
-    with each one's share of the whole; fn runs once untimed before."""
+    """fn's operators by their own time, largest first, with each one's share of the whole: on a
+    GPU its kernels' device time, on a CPU its operators' CPU time; fn runs once untimed before."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
     cuda = torch.cuda.is_available()
     fn()
@@ -49,7 +50,10 @@ def operators(fn, top: int) -> list[dict]:
         fn()
         if cuda:
             torch.cuda.synchronize()
-    own = (lambda e: e.self_device_time_total) if cuda else (lambda e: e.self_cpu_time_total)
+    if cuda:  # the kernels only, as torch's own table totals them: an aten op's self device time is its kernels'
+        own = lambda e: 0 if e.device_type == DeviceType.CPU or e.is_user_annotation else e.self_device_time_total  # noqa: E731
+    else:
+        own = lambda e: e.self_cpu_time_total  # noqa: E731
     events = sorted((e for e in prof.key_averages() if own(e) > 0), key=own, reverse=True)
     total = sum(map(own, events))
     return [{"op": e.key, "calls": e.count, "ms": own(e) / 1000, "share": own(e) / total, "total_ms": total / 1000}
